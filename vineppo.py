@@ -1,0 +1,972 @@
+"""VinePPO in one file: PPO for LLM reasoning with Monte Carlo credit assignment.
+
+Kazemnejad et al., "VinePPO: Refining Credit Assignment in RL Training of LLMs" (arXiv 2410.01679).
+
+    python vineppo.py                        # offline demo: tiny model, built-in arithmetic task, CPU
+    python vineppo.py --critic value         # the same run, but classic PPO with a learned value network
+    python vineppo.py --model Qwen/Qwen2.5-0.5B --mc-rollouts 9 --device cuda
+
+The file reads top to bottom in the order the algorithm runs:
+    Args -> task (problems, prompt, grading) -> step splitting -> sampling with `generate`
+    -> credit assignment (Monte Carlo values | value network + GAE) -> PPO loss -> SFT, evaluation
+    -> training loop -> main.
+The two methods share one trainer: `--critic` changes only where the advantages come from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import bisect
+import copy
+import inspect
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import zlib
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+# ============================================================================================
+# Arguments
+# ============================================================================================
+@dataclass
+class Args:
+    model: str = "tiny"
+    """'tiny' builds the offline demo model from a config; anything else is a hub id or a local path"""
+    task: str = "arith"
+    """'arith': the built-in multi-step arithmetic task (GSM8K-shaped solutions)"""
+    critic: str = "mc"
+    """where advantages come from: 'mc' = VinePPO's Monte Carlo values, 'value' = PPO's value network"""
+    mc_rollouts: int = 9
+    """K, continuations sampled from each state to estimate its value (paper: 9)"""
+    iterations: int = 500
+    """number of RL iterations (sample -> credit -> update)"""
+    seed: int = 0
+    """seed for python, torch and the task generator"""
+    output_dir: str = ""
+    """where metrics.jsonl and the final checkpoint go (default: runs/<task>-<critic>-seed<seed>)"""
+    overwrite: bool = False
+    """allow writing into an output directory that already holds a run"""
+    device: str = "auto"
+    """'auto' (cuda, then mps, then cpu), 'cpu', 'cuda' or 'mps'"""
+
+    # --- sampling (paper section 5 / appendix: 64 prompts x 8 samples, T=0.6, top_p=0.9, 1024 tokens)
+    prompts_per_iteration: int = 64
+    """problems sampled per iteration (paper: 64)"""
+    samples_per_prompt: int = 8
+    """responses sampled per problem (paper: 8)"""
+    temperature: float = 0.6
+    """sampling temperature for responses AND Monte Carlo continuations (paper: 0.6)"""
+    top_p: float = 0.9
+    """nucleus sampling threshold (paper: 0.9)"""
+    max_new_tokens: int = 1024
+    """length limit of a response; a response cut by it gets reward 0 (paper: 1024)"""
+    max_states_per_response: int = 25
+    """at most this many states are valued per response; later steps merge into the last (official: 25)"""
+    rollout_batch_size: int = 256
+    """most sequences in one `generate` call (the memory bound of the rollout phases)"""
+
+    # --- PPO update (paper: 2 epochs, minibatch 64, AdamW lr 1e-6, 3% warmup, clip 0.2, beta 1e-4)
+    epochs: int = 2
+    """passes over each iteration's responses (paper: 2)"""
+    minibatch_size: int = 64
+    """responses per optimizer step (paper: 64)"""
+    micro_batch_size: int = 16
+    """responses per forward/backward pass; gradients accumulate up to a minibatch (memory only)"""
+    lr: float = 1e-6
+    """AdamW learning rate of the policy and of the value network (paper: 1e-6)"""
+    warmup_ratio: float = 0.03
+    """fraction of optimizer steps with linear warmup, then linear decay to 0 (paper: 3%)"""
+    max_grad_norm: float = 1.0
+    """gradient-norm clip (paper: 1.0)"""
+    clip_range: float = 0.2
+    """PPO ratio clip epsilon (paper: 0.2)"""
+    kl_coef: float = 1e-4
+    """beta, weight of the k3 KL to the reference policy in the loss (paper: 1e-4)"""
+    value_clip_range: float = 0.2
+    """value-loss clip around the old values, value critic only (paper: 0.2)"""
+    gamma: float = 1.0
+    """discount of GAE, value critic only (paper: 1)"""
+    gae_lambda: float = 1.0
+    """lambda of GAE, value critic only (paper: 1)"""
+
+    # --- supervised warm-up (paper: the RL start is an SFT model, 2 epochs, lr 1e-5 at 1.1B)
+    sft_epochs: float = 2.0
+    """epochs of supervised fine-tuning on reference solutions before RL; 0 skips it (paper: 2)"""
+    sft_lr: float = 1e-5
+    """learning rate of the SFT stage (paper: 1e-5 for 1.1B models)"""
+    sft_batch_size: int = 64
+    """sequences per SFT step"""
+
+    # --- evaluation (paper: 16 samples per test problem at T=0.35, top_p 0.9)
+    eval_every: int = 10
+    """evaluate every this many iterations (and always before RL and at the end)"""
+    eval_problems: int = 0
+    """held-out problems used for evaluation; 0 = all of them"""
+    eval_samples: int = 16
+    """samples per held-out problem for pass@1 (paper: 16)"""
+    eval_temperature: float = 0.35
+    """sampling temperature of evaluation (paper: 0.35)"""
+
+    # --- built-in task
+    train_problems: int = 4000
+    """size of the built-in task's training set"""
+    test_problems: int = 500
+    """size of the built-in task's held-out test set"""
+
+
+# The embedded demo (`--model tiny`, the default) trains a ~0.7M-parameter model from scratch on a CPU in
+# minutes. Such a model needs a far larger learning rate than the paper's 1e-6 for a 1B model, and a
+# smaller batch and fewer tokens to fit the time. These are the ONLY places where the demo departs from
+# the paper's defaults; a flag given on the command line still wins.
+TINY_DEMO_OVERRIDES = dict(
+    iterations=16,
+    prompts_per_iteration=32,
+    samples_per_prompt=8,
+    max_new_tokens=64,
+    lr=2e-4,
+    minibatch_size=64,
+    micro_batch_size=64,
+    sft_epochs=3.0,
+    sft_lr=3e-3,
+    sft_batch_size=64,
+    eval_every=4,
+    eval_problems=256,
+    eval_samples=4,
+)
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """The docstring written under each dataclass field (the same trick tyro uses), for --help."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = nxt.value.value
+    return docs
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    """Build Args from the command line: dataclass defaults <- demo overrides (tiny model) <- flags."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
+    docs = _field_docs(Args)
+    for f in fields(Args):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            parser.add_argument(flag, action="store_true", help=docs[f.name])
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type]
+            parser.add_argument(flag, type=kind, metavar=f.name.upper(), help=f"{docs[f.name]} (default: {f.default!r})")
+    given = vars(parser.parse_args(argv))  # only the flags the user typed
+    values = dict(TINY_DEMO_OVERRIDES) if given.get("model", Args.model) == "tiny" else {}
+    values.update(given)
+    args = Args(**values)
+    if not args.output_dir:
+        args.output_dir = os.path.join("runs", f"{args.task}-{args.critic}-seed{args.seed}")
+    check_args(args)
+    return args
+
+
+def check_args(args: Args) -> None:
+    """Refuse impossible settings with one line that says what to do."""
+    problems = []
+    if args.critic not in ("mc", "value"):
+        problems.append(f"--critic must be 'mc' or 'value', got {args.critic!r}")
+    if args.task != "arith":
+        problems.append(f"unknown --task {args.task!r}: the built-in task is 'arith'")
+    for name in ("mc_rollouts", "iterations", "prompts_per_iteration", "samples_per_prompt", "max_new_tokens",
+                 "max_states_per_response", "rollout_batch_size", "epochs", "minibatch_size", "micro_batch_size",
+                 "sft_batch_size", "eval_every", "eval_samples", "train_problems", "test_problems"):
+        if getattr(args, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("lr", "temperature", "eval_temperature"):
+        if not getattr(args, name) > 0:
+            problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if not 0 < args.top_p <= 1:
+        problems.append(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.sft_epochs < 0 or args.kl_coef < 0 or args.eval_problems < 0:
+        problems.append("--sft-epochs, --kl-coef and --eval-problems cannot be negative")
+    if args.minibatch_size > args.prompts_per_iteration * args.samples_per_prompt:
+        problems.append(f"--minibatch-size {args.minibatch_size} is larger than the batch of "
+                        f"{args.prompts_per_iteration * args.samples_per_prompt} responses per iteration")
+    if args.device not in ("auto", "cpu", "cuda", "mps"):
+        problems.append(f"--device must be auto, cpu, cuda or mps, got {args.device!r}")
+    if problems:
+        sys.exit("error: " + "; ".join(problems))
+
+
+# ============================================================================================
+# Task: problems, the prompt, grading
+# ============================================================================================
+PROMPT_TEMPLATE = "[MATH_TASK] Problem:\n{problem}\n\nSolution:"  # the paper's prompt, no few-shot
+
+
+def make_prompt(problem: str) -> str:
+    return PROMPT_TEMPLATE.format(problem=problem)
+
+
+def make_sft_target(solution: str) -> str:
+    """The SFT target of the paper: the model answers from a newline, "\\n{solution}\\n" (+ EOS)."""
+    return "\n" + solution + "\n"
+
+
+def make_arith_problem(rng: random.Random) -> dict:
+    """One problem of the built-in task: a chain of 3 to 5 operations on a number below 100.
+
+    >>> make_arith_problem(random.Random(1))["solution"]   # one step per line, then the answer
+    '2+9=11\\n11*4=44\\n44-7=37\\n#### 37'
+
+    Addition and subtraction of one digit are easy for a small model; multiplying a two-digit number is
+    where it fails. So a wrong answer is usually one wrong line in an otherwise right chain: exactly the
+    step a good credit assignment should blame, and the steps before it should not be punished for.
+    """
+    start = value = rng.randint(2, 9)
+    words, lines = [], []
+    for _ in range(rng.randint(3, 5)):
+        options = [("add", "+", rng.randint(1, 9))]
+        if value >= 2:
+            options.append(("subtract", "-", rng.randint(1, min(9, value - 1))))
+        if 2 <= value <= 49:
+            options.append(("times", "*", rng.randint(2, min(9, 99 // value))))
+        word, sign, operand = rng.choice(options)
+        result = value + operand if sign == "+" else value - operand if sign == "-" else value * operand
+        words.append(f"{word} {operand}")
+        lines.append(f"{value}{sign}{operand}={result}")
+        value = result
+    problem = f"Start at {start}, " + ", ".join(words) + "."
+    return {"problem": problem, "solution": "\n".join(lines) + f"\n#### {value}", "answer": str(value)}
+
+
+def make_arith_task(seed: int, n_train: int, n_test: int) -> tuple[list[dict], list[dict]]:
+    """Deterministic train and test sets that never share a problem (a hash of the text picks the side)."""
+    rng = random.Random(seed)
+    train, test, seen = [], [], set()
+    for _ in range(100 * (n_train + n_test)):
+        if len(train) >= n_train and len(test) >= n_test:
+            break
+        item = make_arith_problem(rng)
+        if item["problem"] in seen:
+            continue
+        seen.add(item["problem"])
+        side = test if zlib.crc32(item["problem"].encode()) % 8 == 0 else train
+        if len(side) < (n_test if side is test else n_train):
+            side.append(item)
+    if len(train) < n_train or len(test) < n_test:
+        sys.exit(f"error: the built-in task has only {len(train)} train / {len(test)} test problems; ask for fewer")
+    return train, test
+
+
+def extract_gsm8k_answer(text: str) -> str | None:
+    """The text after the last '####', stripped of commas and spaces; None if there is none."""
+    if "####" not in text:
+        return None
+    answer = text.rsplit("####", 1)[1].strip().replace(",", "")
+    return answer.split("\n")[0].strip() or None
+
+
+def grade_gsm8k(text: str, gold: str) -> float:
+    """Reward 1.0 if the final answer equals the gold answer as a string (official GSM8K grader), else 0."""
+    return float(extract_gsm8k_answer(text) == gold.replace(",", "").strip())
+
+
+# ============================================================================================
+# Step segmentation (paper section 4: a step is one line of a GSM8K-style solution)
+# ============================================================================================
+def split_steps(text: str) -> list[str]:
+    """Split a response into reasoning steps on its text; the steps re-join to the text exactly.
+
+    GSM8K rule (PAPER.md): one step per line; each later step carries its own leading newline; leading
+    empty lines go into the first step; blank lines go into the step after them; the '#### answer' line
+    and anything after it merge into the last step. There is always at least one step.
+
+    >>> split_steps("\\n7+5=12\\n12*3=36\\n#### 36\\n")
+    ['\\n7+5=12', '\\n12*3=36\\n#### 36\\n']
+    """
+    pieces = []  # cut before every newline: "a\nb" -> ["a", "\nb"]
+    start = 0
+    for i, char in enumerate(text):
+        if char == "\n" and i > 0:
+            pieces.append(text[start:i])
+            start = i
+    pieces.append(text[start:])
+
+    steps, pending = [], ""  # `pending` holds blank lines waiting for the next real line
+    for piece in pieces:
+        if not piece.strip():
+            pending += piece
+        elif piece.lstrip().startswith("####") and steps:
+            steps[-1] += pending + piece
+            pending = ""
+        elif steps and steps[-1].lstrip().split("\n")[-1].startswith("####"):
+            steps[-1] += pending + piece  # text after the answer line belongs to the last step
+            pending = ""
+        else:
+            steps.append(pending + piece)
+            pending = ""
+    if pending:
+        if steps:
+            steps[-1] += pending
+        else:
+            steps.append(pending)
+    if not steps:
+        steps = [text]
+    assert "".join(steps) == text, "steps must re-join to the response"
+    return steps
+
+
+def step_token_starts(decode, response_ids: list[int], steps: list[str]) -> list[int]:
+    """Map step boundaries on the text to token positions of the response, by character offsets.
+
+    Token j starts at character len(decode(ids[:j])). A token belongs to the step that holds its first
+    character, so step i begins at the first token that starts at or after the step's first character.
+    A token that spans a boundary (BPE merges like ".\\n") stays with the step it starts in. Steps that
+    own no token are merged into the next one. Returns strictly increasing positions, the first 0.
+
+    The states are then the trajectory's own prefixes prompt + ids[:t], never re-tokenized text.
+    """
+    char_starts, position = [], 0
+    for step in steps:
+        char_starts.append(position)
+        position += len(step)
+
+    def first_token_at_or_after(char: int) -> int:  # binary search; decode length grows with j
+        lo, hi = 0, len(response_ids)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(decode(response_ids[:mid])) >= char:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    starts = [0]
+    for char in char_starts[1:]:
+        t = first_token_at_or_after(char)
+        if starts[-1] < t < len(response_ids):
+            starts.append(t)
+    return starts
+
+
+# ============================================================================================
+# Sampling with `generate`
+# ============================================================================================
+@dataclass
+class Episode:
+    """One sampled response and everything the update needs about it."""
+    problem_index: int
+    prompt_ids: list[int]
+    response_ids: list[int]  # includes the EOS token when the response ended by itself
+    text: str  # decoded response without EOS
+    reward: float
+    truncated: bool  # hit max_new_tokens without EOS (reward 0)
+    steps: list[str] = field(default_factory=list)
+    step_starts: list[int] = field(default_factory=list)  # token position where each step begins
+    step_values: list[float] = field(default_factory=list)  # V(s_i), Monte Carlo critic only
+    token_advantages: list[float] = field(default_factory=list)  # one per response token
+
+
+@torch.inference_mode()
+def sample_continuations(model, prefixes: list[list[int]], budgets: list[int], *, eos_id: int, pad_id: int,
+                         temperature: float, top_p: float, batch_size: int, desc: str = "sampling",
+                         progress: bool = True) -> list[tuple[list[int], bool]]:
+    """Sample one continuation of each prefix with `generate`; returns (new_ids, ended_with_eos) per prefix.
+
+    Rows are sorted by prefix length so each batch pads little (cost follows the padded length), and at
+    most `batch_size` rows go into one call. Row i may add at most budgets[i] tokens; a row that reaches
+    its budget without EOS is returned with ended_with_eos=False. The EOS token is kept in new_ids.
+    """
+    device = next(model.parameters()).device
+    order = sorted(range(len(prefixes)), key=lambda i: (len(prefixes[i]), budgets[i]))
+    results: list = [None] * len(prefixes)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for rows in tqdm(batches, desc=desc, leave=False, disable=not progress):
+        width = max(len(prefixes[i]) for i in rows)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # [rows, width], left-padded
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            input_ids[r, width - len(prefixes[i]):] = torch.tensor(prefixes[i])
+            attention_mask[r, width - len(prefixes[i]):] = 1
+        output = model.generate(
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+            do_sample=True, temperature=temperature, top_p=top_p, top_k=0,  # top_k=0: no silent top-50
+            max_new_tokens=max(budgets[i] for i in rows), eos_token_id=eos_id, pad_token_id=pad_id,
+        )
+        new_tokens = output[:, width:].tolist()  # [rows, <= max budget]
+        for r, i in enumerate(rows):
+            ids = new_tokens[r][:budgets[i]]
+            if eos_id in ids:
+                results[i] = (ids[:ids.index(eos_id) + 1], True)
+            else:
+                results[i] = (ids, False)
+    return results
+
+
+# ============================================================================================
+# Credit assignment, VinePPO: Monte Carlo value estimates (paper section 4)
+# ============================================================================================
+def mc_values(states: list[tuple[int, ...]], k: int, rollout) -> tuple[dict, dict]:
+    """Monte Carlo value of each distinct state: the mean reward of K fresh continuations from it.
+
+    `rollout(prefixes)` samples one continuation per prefix from pi_old and returns its reward (0 for one
+    cut by the length limit). Identical states are rolled out once; the rollouts of ALL states go out in
+    one call, so the sampler can batch them together. The response that visited a state never counts in
+    its value: that would bias the estimate.
+
+    Returns ({state: V(s)}, {state: [K rewards]}).
+    """
+    unique = list(dict.fromkeys(states))
+    prefixes = [state for state in unique for _ in range(k)]  # [n_unique * K]
+    rewards = rollout(prefixes)
+    per_state = {state: rewards[i * k:(i + 1) * k] for i, state in enumerate(unique)}
+    values = {state: sum(r) / k for state, r in per_state.items()}  # V(s) = mean of K rewards
+    return values, per_state
+
+
+def step_advantages(values: list[float], reward: float) -> list[float]:
+    """Step advantages with gamma = 1: A_i = r_i + V(s_{i+1}) - V(s_i), where V(s_n) = 0 (terminal) and
+    r_i = 0 except r_{n-1} = R. So A_i = V(s_{i+1}) - V(s_i) and A_{n-1} = R - V(s_{n-1}); they telescope
+    to R - V(s_0).
+
+    >>> step_advantages([0.5, 0.25, 1.0], reward=1.0)
+    [-0.25, 0.75, 0.0]
+    """
+    next_values = values[1:] + [0.0]  # V(s_n) = 0: the terminal state has no value
+    step_rewards = [0.0] * (len(values) - 1) + [reward]
+    return [r + v_next - v for r, v_next, v in zip(step_rewards, next_values, values)]
+
+
+def token_advantages(step_advs: list[float], step_starts: list[int], n_tokens: int) -> list[float]:
+    """Every token takes the advantage of its step (the EOS token, last, takes the last step's)."""
+    assert len(step_advs) == len(step_starts) and step_starts[0] == 0
+    return [step_advs[bisect.bisect_right(step_starts, t) - 1] for t in range(n_tokens)]
+
+
+# ============================================================================================
+# Credit assignment, classic PPO: a learned value network and GAE
+# ============================================================================================
+class ValueNetwork(nn.Module):
+    """A separate copy of the starting model's transformer with a linear head (hidden -> 1) on every
+    position: values[b, p] estimates V of the state that ends at position p."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.backbone = copy.deepcopy(policy.base_model)  # the decoder without its LM head
+        self.head = nn.Linear(policy.config.hidden_size, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self.head.to(next(self.backbone.parameters()))
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids).last_hidden_state  # [B, L, hidden]
+        return self.head(hidden).squeeze(-1).float()  # [B, L]
+
+    def save(self, path: str) -> None:
+        self.backbone.save_pretrained(path)
+        torch.save(self.head.state_dict(), os.path.join(path, "value_head.pt"))
+
+
+def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float,
+                   lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation over response tokens (right-aligned, padding masked).
+
+    delta_t = r_t + gamma V(s_{t+1}) - V(s_t), with V = 0 after the last token;
+    A_t = delta_t + gamma lambda A_{t+1}; returns = A + V. With gamma = lambda = 1, A_t = R - V(s_t).
+    rewards, values, mask: [B, T]. Returns (advantages, returns), both [B, T], zero at padding.
+    """
+    values = values * mask
+    advantages = torch.zeros_like(values)
+    running = torch.zeros_like(values[:, 0])  # [B]
+    for t in reversed(range(values.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < values.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        advantages[:, t] = running
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+# ============================================================================================
+# The PPO loss (paper section 3 and appendix: the same loss for both methods)
+# ============================================================================================
+def collate(episodes: list[Episode], pad_id: int) -> dict:
+    """Pad prompt+response sequences on the LEFT so every response ends at the last column.
+
+    Per-token quantities of the responses are then [B, T] tensors, right-aligned, T = longest response.
+    Position ids count real tokens only, exactly as `generate` counted them.
+    """
+    sequences = [e.prompt_ids + e.response_ids for e in episodes]
+    width, longest = max(map(len, sequences)), max(len(e.response_ids) for e in episodes)
+    input_ids = torch.full((len(episodes), width), pad_id, dtype=torch.long)  # [B, L]
+    attention_mask = torch.zeros((len(episodes), width), dtype=torch.long)  # [B, L]
+    response_mask = torch.zeros((len(episodes), longest))  # [B, T]
+    for b, (seq, e) in enumerate(zip(sequences, episodes)):
+        input_ids[b, width - len(seq):] = torch.tensor(seq)
+        attention_mask[b, width - len(seq):] = 1
+        response_mask[b, longest - len(e.response_ids):] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]
+    return dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                response_mask=response_mask)
+
+
+def right_aligned(rows: list[list[float]], width: int) -> torch.Tensor:
+    """Lists of per-response-token numbers -> [B, width], right-aligned like collate's responses."""
+    out = torch.zeros((len(rows), width))
+    for b, row in enumerate(rows):
+        if row:
+            out[b, width - len(row):] = torch.tensor(row, dtype=torch.float)
+    return out
+
+
+def slice_batch(batch: dict, rows: torch.Tensor, device) -> dict:
+    """The given rows of a collated batch, with the all-padding left columns cut off."""
+    mask = batch["response_mask"][rows]
+    seq_width = int(batch["attention_mask"][rows].sum(-1).max())
+    resp_width = int(mask.sum(-1).max())
+    out = {key: batch[key][rows][:, -seq_width:].to(device) for key in ("input_ids", "attention_mask", "position_ids")}
+    out["response_mask"] = mask[:, -resp_width:].to(device)
+    return out
+
+
+def response_logprobs(model, mb: dict, temperature: float) -> torch.Tensor:
+    """log pi(token | prefix) for every response token, from logits divided by the sampling temperature
+    (so pi_old recomputed here is the distribution that was sampled from). Returns [B, T] in fp32."""
+    n = mb["response_mask"].shape[1]
+    logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], position_ids=mb["position_ids"],
+                   logits_to_keep=n + 1).logits[:, :-1]  # [B, T, vocab]: position p predicts token p+1
+    logits = logits.float() / temperature
+    targets = mb["input_ids"][:, -n:]  # [B, T]
+    return (logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)) * mb["response_mask"]
+
+
+def response_values(value_model, mb: dict) -> torch.Tensor:
+    """V(s_t) for the state before each response token t: the value at the position just before it. [B, T]"""
+    n = mb["response_mask"].shape[1]
+    values = value_model(mb["input_ids"], mb["attention_mask"], mb["position_ids"])  # [B, L]
+    return values[:, -n - 1:-1] * mb["response_mask"]
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(A - mean) / sqrt(var + 1e-8) over the masked entries (all response tokens of a minibatch)."""
+    n = mask.sum()
+    mean = (values * mask).sum() / n
+    var = (((values - mean) * mask) ** 2).sum() / n
+    return (values - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+def ppo_policy_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                    clip_range: float) -> tuple[torch.Tensor, dict]:
+    """Clipped surrogate, per token max(-A rho, -A clip(rho, 1-eps, 1+eps)), rho = pi/pi_old; returns the
+    per-token losses [B, T] (zero at padding) and statistics. Log-ratios are masked BEFORE exp."""
+    log_ratio = (logp - logp_old) * mask  # fp32; padding is 0 -> ratio 1, never inf
+    ratio = torch.exp(log_ratio.clamp(max=20.0))
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
+    losses = torch.maximum(unclipped, clipped) * mask
+    stats = {"clipped": ((clipped > unclipped).float() * mask).sum().item(), "ratio_sum": (ratio * mask).sum().item()}
+    return losses, stats
+
+
+def k3_kl(logp: torch.Tensor, logp_ref: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """k3 estimator of KL(pi || pi_ref) per token: exp(d) - d - 1 with d = logp_ref - logp, clamped to
+    [0, 10] (PAPER.md); never negative, zero where the policies agree. [B, T], zero at padding."""
+    d = (logp_ref - logp) * mask
+    return (torch.exp(d.clamp(max=20.0)) - d - 1).clamp(0.0, 10.0) * mask
+
+
+def value_loss(values: torch.Tensor, values_old: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip_range: float) -> torch.Tensor:
+    """Clipped value loss 0.5 * max((V - ret)^2, (clip(V, V_old +- eps) - ret)^2), per token [B, T]."""
+    clipped = values_old + (values - values_old).clamp(-clip_range, clip_range)
+    return 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2) * mask
+
+
+def warmup_linear_schedule(optimizer, total_steps: int, warmup_ratio: float):
+    """Linear warmup over the first warmup_ratio of steps, then linear decay to 0 (paper)."""
+    warmup = max(1, int(warmup_ratio * total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / max(1, total_steps - warmup))))
+
+
+# ============================================================================================
+# Models and tokenizers
+# ============================================================================================
+def build_char_tokenizer():
+    """A character-level tokenizer built locally (no download): one token per printable ASCII character,
+    plus '[MATH_TASK]' as one token, <pad>, <eos> and <unk>. Left padding, for `generate`."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    for char in "\n" + "".join(chr(c) for c in range(32, 127)):
+        vocab[char] = len(vocab)
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>",
+                                        unk_token="<unk>", padding_side="left", clean_up_tokenization_spaces=False,
+                                        model_input_names=["input_ids", "attention_mask"])
+    tokenizer.add_tokens(["[MATH_TASK]"])
+    return tokenizer
+
+
+def build_tiny_model(tokenizer, seed: int):
+    """A ~0.7M-parameter Qwen2-style model with random weights, built from a config (no download)."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def load_model_and_tokenizer(args: Args, device, dtype):
+    """The tiny demo model, or any causal LM by hub id / local path through `from_pretrained`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if args.model == "tiny":
+        tokenizer = build_char_tokenizer()
+        model = build_tiny_model(tokenizer, args.seed)
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.model, padding_side="left")
+            model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+        except OSError as error:
+            sys.exit(f"error: could not load --model {args.model!r} ({str(error).splitlines()[0]}). Give a hub id "
+                     f"you can reach, a local directory, or set HF_HUB_OFFLINE=1 to use the local cache.")
+        if tokenizer.eos_token_id is None:
+            sys.exit(f"error: the tokenizer of {args.model!r} has no EOS token; pick a model that defines one")
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.to(device=device, dtype=dtype).eval(), tokenizer  # eval(): dropout stays off (paper)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda but no CUDA GPU is visible to torch; use --device cpu or --device auto")
+    return torch.device(name)
+
+
+# ============================================================================================
+# Supervised warm-up and evaluation
+# ============================================================================================
+def supervised_finetune(model, tokenizer, problems: list[dict], args: Args, device) -> float:
+    """SFT on the reference solutions (the paper's RL starts from an SFT model): cross-entropy on the
+    response tokens of prompt + "\\n{solution}\\n" + EOS. Returns the last step's loss."""
+    examples = [Episode(i, tokenizer(make_prompt(p["problem"]))["input_ids"],
+                        tokenizer(make_sft_target(p["solution"]))["input_ids"] + [tokenizer.eos_token_id], "", 0.0, False)
+                for i, p in enumerate(problems)]
+    steps = max(1, int(args.sft_epochs * len(examples) / args.sft_batch_size))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, weight_decay=0.0)
+    schedule = warmup_linear_schedule(optimizer, steps, args.warmup_ratio)
+    order, loss = [], float("nan")
+    for _ in tqdm(range(steps), desc="SFT warm-up", leave=False):
+        if len(order) < args.sft_batch_size:
+            order += random.sample(range(len(examples)), len(examples))
+        rows, order = order[:args.sft_batch_size], order[args.sft_batch_size:]
+        mb = slice_batch(collate([examples[i] for i in rows], tokenizer.pad_token_id), torch.arange(len(rows)), device)
+        logp = response_logprobs(model, mb, temperature=1.0)  # [B, T]
+        loss = -(logp.sum() / mb["response_mask"].sum())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+    return float(loss)
+
+
+def evaluate(model, tokenizer, problems: list[dict], args: Args) -> float:
+    """pass@1: the mean accuracy of eval_samples samples per held-out problem at the eval temperature."""
+    prompts = [tokenizer(make_prompt(p["problem"]))["input_ids"] for p in problems]
+    prefixes = [ids for ids in prompts for _ in range(args.eval_samples)]
+    outputs = sample_continuations(model, prefixes, [args.max_new_tokens] * len(prefixes),
+                                   eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                                   temperature=args.eval_temperature, top_p=args.top_p,
+                                   batch_size=args.rollout_batch_size, desc="evaluating")
+    rewards = [grade_gsm8k(decode_response(tokenizer, ids), problems[i // args.eval_samples]["answer"]) if ended else 0.0
+               for i, (ids, ended) in enumerate(outputs)]
+    return sum(rewards) / len(rewards)
+
+
+def decode_response(tokenizer, ids: list[int]) -> str:
+    """Response text; special tokens (EOS, pad) dropped, nothing else changed."""
+    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+# ============================================================================================
+# One RL iteration: sample -> split -> credit -> update
+# ============================================================================================
+def sample_episodes(model, tokenizer, problems: list[dict], indices: list[int], args: Args) -> list[Episode]:
+    """Sample samples_per_prompt responses per problem from pi_old and grade them; a response cut by the
+    length limit gets reward 0. Then split each into steps and map the steps to tokens."""
+    prompts = {i: tokenizer(make_prompt(problems[i]["problem"]))["input_ids"] for i in indices}
+    owners = [i for i in indices for _ in range(args.samples_per_prompt)]
+    outputs = sample_continuations(model, [prompts[i] for i in owners], [args.max_new_tokens] * len(owners),
+                                   eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                                   temperature=args.temperature, top_p=args.top_p,
+                                   batch_size=args.rollout_batch_size, desc="sampling responses")
+    decode = lambda ids: decode_response(tokenizer, ids)  # noqa: E731
+    episodes = []
+    for owner, (ids, ended) in zip(owners, outputs):
+        text = decode(ids)
+        reward = grade_gsm8k(text, problems[owner]["answer"]) if ended else 0.0
+        steps = split_steps(text)
+        starts = step_token_starts(decode, ids, steps)[:args.max_states_per_response]  # cap: merge the tail
+        episodes.append(Episode(owner, prompts[owner], ids, text, reward, truncated=not ended, steps=steps, step_starts=starts))
+    return episodes
+
+
+def assign_mc_advantages(model, tokenizer, episodes: list[Episode], problems: list[dict], args: Args) -> dict:
+    """VinePPO's credit: V(s_i) by Monte Carlo from every step boundary of every response (all rolled out
+    together, from pi_old, before any update), then step advantages, then one advantage per token."""
+    decode = lambda ids: decode_response(tokenizer, ids)  # noqa: E731
+    states, gold_of = [], {}
+    for e in episodes:  # s_i = prompt + the response's own first t_i tokens (never re-tokenized text)
+        for t in e.step_starts:
+            state = tuple(e.prompt_ids + e.response_ids[:t])
+            states.append(state)
+            gold_of[state] = (problems[e.problem_index]["answer"], len(e.prompt_ids))
+    counts = {"tokens": 0, "truncated": 0}
+
+    def rollout(prefixes):
+        budgets = [args.max_new_tokens - (len(p) - gold_of[p][1]) for p in prefixes]  # same length limit
+        outputs = sample_continuations(model, [list(p) for p in prefixes], budgets, eos_id=tokenizer.eos_token_id,
+                                       pad_id=tokenizer.pad_token_id, temperature=args.temperature,
+                                       top_p=args.top_p, batch_size=args.rollout_batch_size, desc="MC rollouts")
+        rewards = []
+        for prefix, (ids, ended) in zip(prefixes, outputs):
+            counts["tokens"] += len(ids)
+            counts["truncated"] += not ended
+            answer, prompt_len = gold_of[prefix]
+            # grade prefix + continuation: the answer may straddle the boundary; a cut continuation scores 0
+            rewards.append(grade_gsm8k(decode(list(prefix[prompt_len:]) + ids), answer) if ended else 0.0)
+        return rewards
+
+    values, per_state = mc_values(states, args.mc_rollouts, rollout)
+    for e in episodes:
+        e.step_values = [values[tuple(e.prompt_ids + e.response_ids[:t])] for t in e.step_starts]
+        e.token_advantages = token_advantages(step_advantages(e.step_values, e.reward), e.step_starts, len(e.response_ids))
+    stds = [torch.tensor(r).std(unbiased=False).item() for r in per_state.values()]
+    return {"tokens/mc": counts["tokens"], "mc/states": len(values), "mc/value_std": sum(stds) / len(stds),
+            "mc/truncated_frac": counts["truncated"] / max(1, len(values) * args.mc_rollouts)}
+
+
+@torch.inference_mode()
+def precompute(policy, reference, value_model, batch: dict, args: Args, device) -> dict:
+    """Quantities fixed during the update: log-probs of pi_old and of the reference, and old values."""
+    out = {key: torch.zeros_like(batch["response_mask"]) for key in ("logp_old", "logp_ref", "values_old")}
+    for rows in torch.arange(len(batch["input_ids"])).split(args.micro_batch_size):
+        mb = slice_batch(batch, rows, device)
+        n = mb["response_mask"].shape[1]
+        out["logp_old"][rows, -n:] = response_logprobs(policy, mb, args.temperature).cpu()
+        out["logp_ref"][rows, -n:] = response_logprobs(reference, mb, args.temperature).cpu()
+        if value_model is not None:
+            out["values_old"][rows, -n:] = response_values(value_model, mb).cpu()
+    return out
+
+
+def ppo_update(policy, value_model, optimizers, schedulers, batch: dict, fixed: dict, advantages: torch.Tensor,
+               returns: torch.Tensor | None, args: Args, device) -> dict:
+    """The PPO update shared by both methods (paper appendix): `epochs` passes, shuffled minibatches of
+    responses, token advantages whitened per minibatch, clipped surrogate averaged over tokens, plus beta
+    times the k3 KL to the reference summed per response and averaged over responses."""
+    totals = {"policy_loss": 0.0, "kl": 0.0, "clipped": 0.0, "tokens": 0.0, "value_loss": 0.0, "steps": 0, "skipped": 0}
+    n_responses = len(batch["input_ids"])
+    for _ in range(args.epochs):
+        for minibatch in torch.randperm(n_responses).split(args.minibatch_size):
+            whitened = whiten(advantages[minibatch], batch["response_mask"][minibatch])  # [mb, T]
+            n_tokens = batch["response_mask"][minibatch].sum().item()
+            ratio_sum, parts = 0.0, {"policy_loss": 0.0, "kl": 0.0, "clipped": 0.0, "value_loss": 0.0}
+            for start in range(0, len(minibatch), args.micro_batch_size):
+                rows = minibatch[start:start + args.micro_batch_size]
+                mb = slice_batch(batch, rows, device)
+                mask, n = mb["response_mask"], mb["response_mask"].shape[1]
+                pick = lambda t: t[rows, -n:].to(device)  # noqa: E731 - right-aligned [rows, n]
+                w_adv = whitened[start:start + len(rows), -n:].to(device)
+                logp = response_logprobs(policy, mb, args.temperature)  # [rows, n]
+                pg_losses, stats = ppo_policy_loss(logp, pick(fixed["logp_old"]), w_adv, mask, args.clip_range)
+                policy_loss = pg_losses.sum() / n_tokens  # token-level mean over the minibatch
+                kl = k3_kl(logp, pick(fixed["logp_ref"]), mask).sum() / len(minibatch)  # per response, averaged
+                (policy_loss + args.kl_coef * kl).backward()
+                ratio_sum += stats["ratio_sum"]
+                parts["policy_loss"] += policy_loss.item()
+                parts["kl"] += kl.item()
+                parts["clipped"] += stats["clipped"]
+                if value_model is not None:
+                    values = response_values(value_model, mb)
+                    v_loss = value_loss(values, pick(fixed["values_old"]), pick(returns), mask, args.value_clip_range)
+                    v_loss = v_loss.sum() / n_tokens
+                    v_loss.backward()
+                    parts["value_loss"] += v_loss.item()
+            skip = ratio_sum / n_tokens > 10.0  # a minibatch whose mean ratio exceeds 10 is skipped (paper)
+            for optimizer, scheduler in zip(optimizers, schedulers):
+                if not skip:
+                    params = [p for group in optimizer.param_groups for p in group["params"]]
+                    torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                    optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            totals["skipped"] += skip
+            totals["steps"] += 1
+            totals["tokens"] += n_tokens
+            for key, value in parts.items():
+                totals[key] += value
+    steps = max(1, totals["steps"])
+    out = {"losses/policy_loss": totals["policy_loss"] / steps, "losses/kl": totals["kl"] / steps,
+           "losses/clipfrac": totals["clipped"] / max(1.0, totals["tokens"]), "losses/skipped_minibatches": totals["skipped"]}
+    if value_model is not None:
+        out["losses/value_loss"] = totals["value_loss"] / steps
+    return out
+
+
+def explained_variance(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(target - predicted) / Var(target) over masked entries: 1 is perfect, 0 is a constant guess."""
+    n = mask.sum()
+    def var(x):
+        mean = (x * mask).sum() / n
+        return (((x - mean) * mask) ** 2).sum() / n
+    return float(1 - var(target - predicted) / var(target).clamp(min=1e-8))
+
+
+# ============================================================================================
+# Main: set up, warm up, then iterate
+# ============================================================================================
+def prepare_output_dir(args: Args) -> None:
+    if os.path.exists(os.path.join(args.output_dir, "metrics.jsonl")) and not args.overwrite:
+        sys.exit(f"error: {args.output_dir} already holds a run; pass --overwrite or choose another --output-dir")
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "metrics.jsonl"), "w"):
+            pass
+    except OSError as error:
+        sys.exit(f"error: cannot write to --output-dir {args.output_dir!r} ({error.strerror}); choose another")
+
+
+def save_final(policy, tokenizer, value_model, args: Args) -> str:
+    """Write the final checkpoint to a temporary directory, then rename it: never a half-written one."""
+    final, temporary = os.path.join(args.output_dir, "final"), os.path.join(args.output_dir, "final.tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    policy.save_pretrained(temporary)
+    tokenizer.save_pretrained(temporary)
+    if value_model is not None:
+        value_model.save(os.path.join(temporary, "value"))
+    with open(os.path.join(temporary, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=2)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(temporary, final)
+    return final
+
+
+def log_metrics(args: Args, record: dict) -> None:
+    with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    random.seed(args.seed)  # seeding in one place
+    torch.manual_seed(args.seed)
+    device = pick_device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    prepare_output_dir(args)
+
+    train, test = make_arith_task(args.seed, args.train_problems, args.test_problems)
+    test = test[:args.eval_problems] if args.eval_problems else test
+    policy, tokenizer = load_model_and_tokenizer(args, device, dtype)
+    n_params = sum(p.numel() for p in policy.parameters())
+    print(f"model {args.model} ({n_params / 1e6:.2f}M params) on {device} | task {args.task}: {len(train)} train, "
+          f"{len(test)} test problems | critic {args.critic} | output {args.output_dir}")
+
+    if args.sft_epochs > 0:
+        start = time.time()
+        loss = supervised_finetune(policy, tokenizer, train, args, device)
+        print(f"SFT warm-up: {args.sft_epochs:g} epochs, final loss {loss:.3f}, {time.time() - start:.0f}s")
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)  # frozen SFT model: the KL reference
+    value_model = ValueNetwork(policy).eval() if args.critic == "value" else None  # a copy of the start model
+
+    steps_per_iteration = math.ceil(args.prompts_per_iteration * args.samples_per_prompt / args.minibatch_size)
+    total_steps = args.iterations * args.epochs * steps_per_iteration
+    optimizers = [torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)]
+    if value_model is not None:
+        optimizers.append(torch.optim.AdamW(value_model.parameters(), lr=args.lr, weight_decay=0.0))
+    schedulers = [warmup_linear_schedule(o, total_steps, args.warmup_ratio) for o in optimizers]
+
+    start = time.time()
+    before = evaluate(policy, tokenizer, test, args)
+    print(f"pass@1 before RL: {before:.3f} ({len(test)} held-out problems x {args.eval_samples} samples, "
+          f"T={args.eval_temperature}, {time.time() - start:.0f}s)")
+    log_metrics(args, {"iteration": 0, "eval/pass@1": before, "time/eval_s": time.time() - start})
+    sampler = random.Random(args.seed + 1)
+    history, run_start, after = [], time.time(), before
+
+    for iteration in tqdm(range(1, args.iterations + 1), desc="RL iterations"):
+        record = {"iteration": iteration}
+        # 1. sample responses from pi_old and grade them
+        start = time.time()
+        indices = [sampler.randrange(len(train)) for _ in range(args.prompts_per_iteration)]
+        episodes = sample_episodes(policy, tokenizer, train, indices, args)
+        record["time/rollout_s"] = time.time() - start
+        record["tokens/rollout"] = sum(len(e.response_ids) for e in episodes)
+        record["train/reward_mean"] = sum(e.reward for e in episodes) / len(episodes)
+        record["train/truncated_frac"] = sum(e.truncated for e in episodes) / len(episodes)
+        record["train/steps_mean"] = sum(len(e.step_starts) for e in episodes) / len(episodes)
+
+        # 2. credit assignment: the ONLY place where the two methods differ
+        start = time.time()
+        batch = collate(episodes, tokenizer.pad_token_id)
+        fixed = precompute(policy, reference, value_model, batch, args, device)
+        if args.critic == "mc":
+            record.update(assign_mc_advantages(policy, tokenizer, episodes, train, args))
+            advantages, returns = right_aligned([e.token_advantages for e in episodes], batch["response_mask"].shape[1]), None
+        else:
+            rewards = right_aligned([[0.0] * (len(e.response_ids) - 1) + [e.reward] for e in episodes],
+                                    batch["response_mask"].shape[1])  # R on the last response token
+            advantages, returns = gae_advantages(rewards, fixed["values_old"], batch["response_mask"],
+                                                 gamma=args.gamma, lam=args.gae_lambda)
+            record["tokens/mc"] = 0
+            record["value/explained_variance"] = explained_variance(fixed["values_old"], returns, batch["response_mask"])
+        record["time/credit_s"] = time.time() - start
+
+        # 3. PPO update, identical for both methods
+        start = time.time()
+        record.update(ppo_update(policy, value_model, optimizers, schedulers, batch, fixed, advantages, returns, args, device))
+        record["time/update_s"] = time.time() - start
+
+        if iteration % args.eval_every == 0 or iteration == args.iterations:
+            start = time.time()
+            record["eval/pass@1"] = after = evaluate(policy, tokenizer, test, args)
+            record["time/eval_s"] = time.time() - start
+        record["time/elapsed_s"] = time.time() - run_start
+        log_metrics(args, record)
+        history.append(record)
+        extra = (f"mc_std {record['mc/value_std']:.2f}" if args.critic == "mc"
+                 else f"v_loss {record['losses/value_loss']:.3f} ev {record['value/explained_variance']:.2f}")
+        evaluated = f" | pass@1 {record['eval/pass@1']:.3f}" if "eval/pass@1" in record else ""
+        tqdm.write(f"iter {iteration:3d} | reward {record['train/reward_mean']:.3f}{evaluated} | "
+                   f"pg {record['losses/policy_loss']:+.4f} kl {record['losses/kl']:.4f} "
+                   f"clip {record['losses/clipfrac']:.3f} | {extra} | rollout {record['time/rollout_s']:.1f}s "
+                   f"credit {record['time/credit_s']:.1f}s update {record['time/update_s']:.1f}s")
+
+    final = save_final(policy, tokenizer, value_model, args)
+    print(f"pass@1 before RL {before:.3f} -> after RL {after:.3f} ({after - before:+.3f}) | "
+          f"{args.iterations} iterations in {time.time() - run_start:.0f}s | checkpoint {final}")
+    return {"before": before, "after": after, "history": history, "final_dir": final}
+
+
+if __name__ == "__main__":
+    main()
