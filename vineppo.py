@@ -231,19 +231,19 @@ def make_arith_problem(rng: random.Random) -> dict:
     step a good credit assignment should blame, and the steps before it should not be punished for.
     """
     start = value = rng.randint(2, 9)
-    words, lines = [], []
+    words, lines = [], []  # "*7" in the problem, "3*7=21" in the solution
     for _ in range(rng.randint(3, 5)):
-        options = [("add", "+", rng.randint(1, 9))]
+        options = [("+", rng.randint(1, 9))]
         if value >= 2:
-            options.append(("subtract", "-", rng.randint(1, min(9, value - 1))))
+            options.append(("-", rng.randint(1, min(9, value - 1))))
         if 2 <= value <= 49:
-            options.append(("times", "*", rng.randint(2, min(9, 99 // value))))
-        word, sign, operand = rng.choice(options)
+            options.append(("*", rng.randint(2, min(9, 99 // value))))
+        sign, operand = rng.choice(options)
         result = value + operand if sign == "+" else value - operand if sign == "-" else value * operand
-        words.append(f"{word} {operand}")
+        words.append(f"{sign}{operand}")
         lines.append(f"{value}{sign}{operand}={result}")
         value = result
-    problem = f"Start at {start}, " + ", ".join(words) + "."
+    problem = f"Start at {start}: " + ", ".join(words) + "."
     return {"problem": problem, "solution": "\n".join(lines) + f"\n#### {value}", "answer": str(value)}
 
 
@@ -603,7 +603,8 @@ def warmup_linear_schedule(optimizer, total_steps: int, warmup_ratio: float):
 # ============================================================================================
 def build_char_tokenizer():
     """A character-level tokenizer built locally (no download): one token per printable ASCII character,
-    plus '[MATH_TASK]' as one token, <pad>, <eos> and <unk>. Left padding, for `generate`."""
+    <pad>, <eos>, <unk>, and the prompt's words '[MATH_TASK]', ' Problem:', 'Solution:' as one token each
+    (real tokenizers also hold multi-character tokens; short prompts keep the CPU demo fast)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -616,7 +617,7 @@ def build_char_tokenizer():
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>",
                                         unk_token="<unk>", padding_side="left", clean_up_tokenization_spaces=False,
                                         model_input_names=["input_ids", "attention_mask"])
-    tokenizer.add_tokens(["[MATH_TASK]"])
+    tokenizer.add_tokens(["[MATH_TASK]", " Problem:", "Solution:"])
     return tokenizer
 
 
@@ -687,7 +688,7 @@ def supervised_finetune(model, tokenizer, problems: list[dict], args: Args, devi
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-    return float(loss)
+    return loss.item()
 
 
 def evaluate(model, tokenizer, problems: list[dict], args: Args) -> float:
