@@ -300,19 +300,17 @@ def split_steps(text: str) -> list[str]:
             start = i
     pieces.append(text[start:])
 
-    steps, pending = [], ""  # `pending` holds blank lines waiting for the next real line
+    steps, pending, answered = [], "", False  # `pending` holds blank lines waiting for the next real line
     for piece in pieces:
         if not piece.strip():
             pending += piece
-        elif piece.lstrip().startswith("####") and steps:
-            steps[-1] += pending + piece
-            pending = ""
-        elif steps and steps[-1].lstrip().split("\n")[-1].startswith("####"):
-            steps[-1] += pending + piece  # text after the answer line belongs to the last step
+        elif steps and (answered or piece.lstrip().startswith("####")):
+            steps[-1] += pending + piece  # the answer line, and all text after it, join the last step
             pending = ""
         else:
             steps.append(pending + piece)
             pending = ""
+        answered = answered or piece.lstrip().startswith("####")
     if pending:
         if steps:
             steps[-1] += pending
@@ -327,13 +325,16 @@ def split_steps(text: str) -> list[str]:
 def step_token_starts(decode, response_ids: list[int], steps: list[str]) -> list[int]:
     """Map step boundaries on the text to token positions of the response, by character offsets.
 
-    Token j starts at character len(decode(ids[:j])). A token belongs to the step that holds its first
+    Token j starts at the character where decode(ids[:j]) stops agreeing with the text (a byte-level
+    token may end inside a multi-byte character, which decodes to a stray U+FFFD: that partial character
+    is not counted, so it stays with the token that completes it). A token belongs to the step that holds its first
     character, so step i begins at the first token that starts at or after the step's first character.
     A token that spans a boundary (BPE merges like ".\\n") stays with the step it starts in. Steps that
     own no token are merged into the next one. Returns strictly increasing positions, the first 0.
 
     The states are then the trajectory's own prefixes prompt + ids[:t], never re-tokenized text.
     """
+    text = "".join(steps)
     char_starts, position = [], 0
     for step in steps:
         char_starts.append(position)
@@ -343,7 +344,7 @@ def step_token_starts(decode, response_ids: list[int], steps: list[str]) -> list
         lo, hi = 0, len(response_ids)
         while lo < hi:
             mid = (lo + hi) // 2
-            if len(decode(response_ids[:mid])) >= char:
+            if len(os.path.commonprefix([decode(response_ids[:mid]), text])) >= char:
                 hi = mid
             else:
                 lo = mid + 1
@@ -455,16 +456,28 @@ def token_advantages(step_advs: list[float], step_starts: list[int], n_tokens: i
 # Credit assignment, classic PPO: a learned value network and GAE
 # ============================================================================================
 class ValueNetwork(nn.Module):
-    """A separate copy of the starting model's transformer with a linear head (hidden -> 1) on every
-    position: values[b, p] estimates V of the state that ends at position p."""
+    """PPO's critic: a separate copy of the starting model's transformer with a linear head (hidden -> 1)
+    on every position; values[b, p] estimates V of the state that ends at position p."""
 
-    def __init__(self, policy):
+    def __init__(self, backbone):
         super().__init__()
-        self.backbone = copy.deepcopy(policy.base_model)  # the decoder without its LM head
-        self.head = nn.Linear(policy.config.hidden_size, 1)
+        self.backbone = backbone  # a decoder without its LM head
+        self.head = nn.Linear(backbone.config.hidden_size, 1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
-        self.head.to(next(self.backbone.parameters()))
+        self.head.to(next(backbone.parameters()))
+
+    @classmethod
+    def from_policy(cls, policy) -> "ValueNetwork":
+        return cls(copy.deepcopy(policy.base_model))
+
+    @classmethod
+    def load(cls, path: str) -> "ValueNetwork":
+        """Reload what `save` wrote (e.g. <output-dir>/final/value)."""
+        from transformers import AutoModel
+        network = cls(AutoModel.from_pretrained(path))
+        network.head.load_state_dict(torch.load(os.path.join(path, "value_head.pt"), weights_only=True))
+        return network
 
     def forward(self, input_ids, attention_mask, position_ids):
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
@@ -568,7 +581,7 @@ def ppo_policy_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torc
                     clip_range: float) -> tuple[torch.Tensor, dict]:
     """Clipped surrogate, per token max(-A rho, -A clip(rho, 1-eps, 1+eps)), rho = pi/pi_old; returns the
     per-token losses [B, T] (zero at padding) and statistics. Log-ratios are masked BEFORE exp."""
-    log_ratio = (logp - logp_old) * mask  # fp32; padding is 0 -> ratio 1, never inf
+    log_ratio = torch.where(mask.bool(), logp - logp_old, 0.0)  # fp32; padding -> ratio 1, never inf/nan
     ratio = torch.exp(log_ratio.clamp(max=20.0))
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
@@ -580,8 +593,8 @@ def ppo_policy_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torc
 def k3_kl(logp: torch.Tensor, logp_ref: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """k3 estimator of KL(pi || pi_ref) per token: exp(d) - d - 1 with d = logp_ref - logp, clamped to
     [0, 10] (PAPER.md); never negative, zero where the policies agree. [B, T], zero at padding."""
-    d = (logp_ref - logp) * mask
-    return (torch.exp(d.clamp(max=20.0)) - d - 1).clamp(0.0, 10.0) * mask
+    d = torch.where(mask.bool(), logp_ref - logp, 0.0).clamp(-1e4, 20.0)  # padding masked before exp
+    return (torch.exp(d) - d - 1).clamp(0.0, 10.0) * mask
 
 
 def value_loss(values: torch.Tensor, values_old: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
@@ -898,7 +911,7 @@ def main(argv: list[str] | None = None) -> dict:
         loss = supervised_finetune(policy, tokenizer, train, args, device)
         print(f"SFT warm-up: {args.sft_epochs:g} epochs, final loss {loss:.3f}, {time.time() - start:.0f}s")
     reference = copy.deepcopy(policy).eval().requires_grad_(False)  # frozen SFT model: the KL reference
-    value_model = ValueNetwork(policy).eval() if args.critic == "value" else None  # a copy of the start model
+    value_model = ValueNetwork.from_policy(policy).eval() if args.critic == "value" else None  # a copy of the start model
 
     steps_per_iteration = math.ceil(args.prompts_per_iteration * args.samples_per_prompt / args.minibatch_size)
     total_steps = args.iterations * args.epochs * steps_per_iteration
@@ -966,7 +979,8 @@ def main(argv: list[str] | None = None) -> dict:
     final = save_final(policy, tokenizer, value_model, args)
     print(f"pass@1 before RL {before:.3f} -> after RL {after:.3f} ({after - before:+.3f}) | "
           f"{args.iterations} iterations in {time.time() - run_start:.0f}s | checkpoint {final}")
-    return {"before": before, "after": after, "history": history, "final_dir": final}
+    return {"before": before, "after": after, "history": history, "final_dir": final, "policy": policy,
+            "reference": reference, "value_model": value_model}
 
 
 if __name__ == "__main__":
