@@ -159,7 +159,7 @@ def _field_docs(cls) -> dict[str, str]:
 def parse_args(argv: list[str] | None = None) -> Args:
     """Build Args from the command line: dataclass defaults <- demo overrides (tiny model) <- flags."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
-    docs = _field_docs(Args)
+    docs = {name: doc.replace("%", "%%") for name, doc in _field_docs(Args).items()}  # argparse formats with %
     for f in fields(Args):
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
@@ -614,21 +614,22 @@ def warmup_linear_schedule(optimizer, total_steps: int, warmup_ratio: float):
 # ============================================================================================
 # Models and tokenizers
 # ============================================================================================
-def build_char_tokenizer():
-    """A character-level tokenizer built locally (no download): one token per printable ASCII character,
-    <pad>, <eos>, <unk>, and the prompt's words '[MATH_TASK]', ' Problem:', 'Solution:' as one token each
-    (real tokenizers also hold multi-character tokens; short prompts keep the CPU demo fast)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+def build_tiny_tokenizer():
+    """A tokenizer built locally (no download): a byte-level BPE with NO merges, so every ASCII character
+    is one token, plus <pad>, <eos> and the prompt's words '[MATH_TASK]', ' Problem:', 'Solution:' as one
+    token each (short prompts keep the CPU demo fast). It is the same kind of tokenizer as Qwen2's (which
+    `AutoTokenizer` rebuilds for any qwen2 checkpoint), so a saved run reloads with identical ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
-    for char in "\n" + "".join(chr(c) for c in range(32, 127)):
+    vocab = {"<pad>": 0, "<eos>": 1}
+    for char in sorted(pre_tokenizers.ByteLevel.alphabet()):  # 256 printable stand-ins, one per byte
         vocab[char] = len(vocab)
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character
-    core.decoder = decoders.Fuse()
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>",
-                                        unk_token="<unk>", padding_side="left", clean_up_tokenization_spaces=False,
+                                        padding_side="left", clean_up_tokenization_spaces=False,
                                         model_input_names=["input_ids", "attention_mask"])
     tokenizer.add_tokens(["[MATH_TASK]", " Problem:", "Solution:"])
     return tokenizer
@@ -651,7 +652,7 @@ def load_model_and_tokenizer(args: Args, device, dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if args.model == "tiny":
-        tokenizer = build_char_tokenizer()
+        tokenizer = build_tiny_tokenizer()
         model = build_tiny_model(tokenizer, args.seed)
     else:
         try:

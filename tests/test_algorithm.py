@@ -169,7 +169,7 @@ def test_step_token_starts_boundary_token_at_step_start():
 
 def test_step_token_starts_char_tokenizer_positions_equal_char_positions():
     """With one token per character the step starts are the steps' character offsets (EOS included)."""
-    tok = vineppo.build_char_tokenizer()
+    tok = vineppo.build_tiny_tokenizer()
     text = "\n\n3+4=7\n\n7*6=42\n42-1=41\n#### 41\n"
     steps = vineppo.split_steps(text)
     ids = tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
@@ -178,12 +178,12 @@ def test_step_token_starts_char_tokenizer_positions_equal_char_positions():
     starts = vineppo.step_token_starts(decode, ids, steps)
     assert starts == [0, 7, 15]  # "\n\n3+4=7" | "\n\n7*6=42" | "\n42-1=41\n#### 41\n"
     assert starts == [sum(len(s) for s in steps[:i]) for i in range(len(steps))]
-    check_step_mapping(decode, lambda t: b"" if t == tok.eos_token_id else tok.convert_ids_to_tokens(t).encode(), ids, steps)
+    check_step_mapping(decode, byte_level_token_bytes(tok), ids, steps)
 
 
 def test_step_token_starts_single_step_and_empty_response():
     """One step -> [0]; an empty response (only EOS, or nothing) -> [0]."""
-    tok = vineppo.build_char_tokenizer()
+    tok = vineppo.build_tiny_tokenizer()
     decode = lambda ids: vineppo.decode_response(tok, ids)  # noqa: E731
     ids = tok.encode("#### 5", add_special_tokens=False)
     assert vineppo.step_token_starts(decode, ids, ["#### 5"]) == [0]
@@ -700,7 +700,7 @@ def test_right_aligned_matches_collate_layout():
 # ============================================================================================
 @pytest.fixture(scope="module")
 def tiny():
-    tok = vineppo.build_char_tokenizer()
+    tok = vineppo.build_tiny_tokenizer()
     with torch.random.fork_rng():  # build_tiny_model seeds torch; keep the global RNG untouched
         model = vineppo.build_tiny_model(tok, seed=0).eval()
     return tok, model

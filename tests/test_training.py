@@ -73,7 +73,10 @@ def test_checkpoint_reloads(tiny_run):
     critic, out, result = tiny_run
     model = AutoModelForCausalLM.from_pretrained(out / "final").eval()
     tokenizer = AutoTokenizer.from_pretrained(out / "final")
-    ids = tokenizer(vineppo.make_prompt("Start at 3: +4."), return_tensors="pt")["input_ids"]
+    text = vineppo.make_prompt("Start at 3: +4, *2.") + "\n3+4=7\n7*2=14\n#### 14\n"
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    assert ids[0].tolist() == vineppo.build_tiny_tokenizer()(text)["input_ids"], "reloaded tokenizer differs"
+    assert tokenizer.decode(ids[0]) == text and tokenizer.padding_side == "left"
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, result["policy"](ids).logits, atol=1e-5)
     assert not (out / "final.tmp").exists()
