@@ -123,24 +123,31 @@ class Args:
     """size of the built-in task's training set"""
     test_problems: int = 500
     """size of the built-in task's held-out test set"""
+    slip_rate: float = 0.35
+    """built-in task: how often the tutor who wrote the SFT solutions adds where it should multiply"""
 
 
-# The embedded demo (`--model tiny`, the default) trains a ~0.7M-parameter model from scratch on a CPU in
-# minutes. Such a model needs a far larger learning rate than the paper's 1e-6 for a 1B model, and a
-# smaller batch and fewer tokens to fit the time. These are the ONLY places where the demo departs from
-# the paper's defaults; a flag given on the command line still wins.
+# The embedded demo (`--model tiny`, the default) trains a 0.8M-parameter model from scratch on a CPU in
+# minutes. These are the ONLY places where the demo departs from the paper's defaults (a flag given on the
+# command line still wins):
+# - lr 3e-5, not 1e-6: a tiny model needs a larger step (1e-4 and above made it drift, see README);
+# - 32 prompts x 8 samples with a 128-response minibatch: fewer, less noisy steps than 64-response ones;
+# - K = 4 Monte Carlo rollouts instead of 9 (the paper's K ablation: K = 3 is already close to K = 9);
+# - 64 new tokens (the task's solutions are under 40), 400 SFT steps at lr 3e-3 from random weights,
+#   and evaluation on 256 held-out problems x 4 samples.
 TINY_DEMO_OVERRIDES = dict(
-    iterations=16,
+    iterations=24,
     prompts_per_iteration=32,
     samples_per_prompt=8,
-    max_new_tokens=64,
-    lr=2e-4,
-    minibatch_size=64,
+    minibatch_size=128,
     micro_batch_size=64,
-    sft_epochs=3.0,
+    lr=3e-5,
+    mc_rollouts=4,
+    max_new_tokens=64,
+    sft_epochs=6.4,  # 400 steps of 64 on 4,000 problems
     sft_lr=3e-3,
     sft_batch_size=64,
-    eval_every=4,
+    eval_every=6,
     eval_problems=256,
     eval_samples=4,
 )
@@ -220,36 +227,59 @@ def make_sft_target(solution: str) -> str:
     return "\n" + solution + "\n"
 
 
-def make_arith_problem(rng: random.Random) -> dict:
-    """One problem of the built-in task: a chain of 3 to 5 operations on a number below 100.
+def solve_chain(start: int, ops: list[tuple[str, int]], slips: list[bool] | None = None) -> tuple[str, int]:
+    """Write the solution of a chain, one step per line, then '#### answer'. Where slips[i] is True the
+    writer ADDS although the problem says multiply, and carries the wrong value on.
 
-    >>> make_arith_problem(random.Random(1))["solution"]   # one step per line, then the answer
-    '2+9=11\\n11*4=44\\n44-7=37\\n#### 37'
-
-    Addition and subtraction of one digit are easy for a small model; multiplying a two-digit number is
-    where it fails. So a wrong answer is usually one wrong line in an otherwise right chain: exactly the
-    step a good credit assignment should blame, and the steps before it should not be punished for.
+    >>> solve_chain(3, [("+", 4), ("*", 2)])
+    ('3+4=7\\n7*2=14\\n#### 14', 14)
+    >>> solve_chain(3, [("+", 4), ("*", 2)], slips=[False, True])
+    ('3+4=7\\n7*2=9\\n#### 9', 9)
     """
-    start = value = rng.randint(2, 9)
-    words, lines = [], []  # "*7" in the problem, "3*7=21" in the solution
-    for _ in range(rng.randint(3, 5)):
-        options = [("+", rng.randint(1, 9))]
-        if value >= 2:
-            options.append(("-", rng.randint(1, min(9, value - 1))))
-        if 2 <= value <= 49:
-            options.append(("*", rng.randint(2, min(9, 99 // value))))
-        sign, operand = rng.choice(options)
-        result = value + operand if sign == "+" else value - operand if sign == "-" else value * operand
-        words.append(f"{sign}{operand}")
+    value, lines = start, []
+    for i, (sign, operand) in enumerate(ops):
+        if sign == "+" or (sign == "*" and slips and slips[i]):
+            result = value + operand
+        else:
+            result = value - operand if sign == "-" else value * operand
         lines.append(f"{value}{sign}{operand}={result}")
         value = result
-    problem = f"Start at {start}: " + ", ".join(words) + "."
-    return {"problem": problem, "solution": "\n".join(lines) + f"\n#### {value}", "answer": str(value)}
+    return "\n".join(lines) + f"\n#### {value}", value
 
 
-def make_arith_task(seed: int, n_train: int, n_test: int) -> tuple[list[dict], list[dict]]:
-    """Deterministic train and test sets that never share a problem (a hash of the text picks the side)."""
-    rng = random.Random(seed)
+def make_arith_problem(rng: random.Random) -> dict:
+    """One problem of the built-in task: a chain of 3 to 5 operations on numbers from 1 to 20.
+
+    >>> make_arith_problem(random.Random(0))["problem"]
+    'Start at 7: *2, -8, *2, -2.'
+    """
+    start = value = rng.randint(1, 9)
+    ops = []
+    for _ in range(rng.randint(3, 5)):
+        options = []
+        if value <= 19:
+            options.append(("+", rng.randint(1, min(9, 20 - value))))
+        if value >= 2:
+            options.append(("-", rng.randint(1, min(9, value - 1))))
+        if value <= 10:
+            options += [("*", rng.randint(2, min(9, 20 // value)))] * 2  # multiplication comes often
+        sign, operand = rng.choice(options)
+        ops.append((sign, operand))
+        value = value + operand if sign == "+" else value - operand if sign == "-" else value * operand
+    solution, answer = solve_chain(start, ops)
+    problem = f"Start at {start}: " + ", ".join(f"{sign}{operand}" for sign, operand in ops) + "."
+    return {"problem": problem, "solution": solution, "answer": str(answer), "ops": ops, "start": start}
+
+
+def make_arith_task(seed: int, n_train: int, n_test: int, slip_rate: float) -> tuple[list[dict], list[dict]]:
+    """Deterministic train and test sets that never share a problem (a hash of the text picks the side).
+
+    The training solutions were written by a sloppy tutor: at each multiplication, with probability
+    `slip_rate`, the tutor adds instead (7*2=9) and carries the error to a wrong final answer. SFT copies
+    that habit; the reward (the TRUE answer, always) punishes it; and the blame belongs to exactly one
+    step of an otherwise right chain: the step credit assignment has to find. Test solutions are right.
+    """
+    rng, tutor = random.Random(seed), random.Random(seed + 1)
     train, test, seen = [], [], set()
     for _ in range(100 * (n_train + n_test)):
         if len(train) >= n_train and len(test) >= n_test:
@@ -259,8 +289,11 @@ def make_arith_task(seed: int, n_train: int, n_test: int) -> tuple[list[dict], l
             continue
         seen.add(item["problem"])
         side = test if zlib.crc32(item["problem"].encode()) % 8 == 0 else train
-        if len(side) < (n_test if side is test else n_train):
-            side.append(item)
+        if side is train and len(train) < n_train:
+            slips = [sign == "*" and tutor.random() < slip_rate for sign, _ in item["ops"]]
+            train.append({**item, "solution": solve_chain(item["start"], item["ops"], slips)[0]})
+        elif side is test and len(test) < n_test:
+            test.append(item)
     if len(train) < n_train or len(test) < n_test:
         sys.exit(f"error: the built-in task has only {len(train)} train / {len(test)} test problems; ask for fewer")
     return train, test
@@ -900,7 +933,7 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     prepare_output_dir(args)
 
-    train, test = make_arith_task(args.seed, args.train_problems, args.test_problems)
+    train, test = make_arith_task(args.seed, args.train_problems, args.test_problems, args.slip_rate)
     test = test[:args.eval_problems] if args.eval_problems else test
     policy, tokenizer = load_model_and_tokenizer(args, device, dtype)
     n_params = sum(p.numel() for p in policy.parameters())

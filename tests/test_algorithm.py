@@ -816,37 +816,58 @@ def test_grade_gsm8k(text, gold, reward):
 # ============================================================================================
 # 14. the built-in arithmetic task
 # ============================================================================================
-LINE = re.compile(r"^(\d+)([+\-*])(\d+)=(\d+)$")
+LINE = re.compile(r"^(-?\d+)([+\-*])(\d+)=(-?\d+)$")
 
 
 def test_make_arith_task_deterministic_and_disjoint():
     """Same seed -> same sets; another seed -> different; train and test never share a problem."""
-    train, test = vineppo.make_arith_task(0, 4000, 500)  # the default sizes: raw draws repeat at this scale
-    assert (train, test) == vineppo.make_arith_task(0, 4000, 500)
-    assert vineppo.make_arith_task(1, 4000, 500) != (train, test)
+    train, test = vineppo.make_arith_task(0, 4000, 500, 0.35)  # the default sizes: raw draws repeat at this scale
+    assert (train, test) == vineppo.make_arith_task(0, 4000, 500, 0.35)
+    assert vineppo.make_arith_task(1, 4000, 500, 0.35) != (train, test)
     assert len(train) == 4000 and len(test) == 500
     train_problems, test_problems = {p["problem"] for p in train}, {p["problem"] for p in test}
     assert len(train_problems) == 4000 and len(test_problems) == 500  # no duplicates either
     assert not train_problems & test_problems
+    # the slip rate changes only the written training solutions, never which problems are drawn
+    clean_train, clean_test = vineppo.make_arith_task(0, 4000, 500, 0.0)
+    assert [p["problem"] for p in clean_train] == [p["problem"] for p in train] and clean_test == test
 
 
-def test_make_arith_task_solutions_are_gsm8k_shaped_and_correct():
-    """Every solution: operation lines 'a op b = c' with correct arithmetic, chained, matching the problem,
-    then '#### answer' equal to the last result and to the answer field; the SFT target grades 1."""
-    train, test = vineppo.make_arith_task(0, 4000, 500)
-    for item in train + test:
-        *lines, last = item["solution"].split("\n")
-        assert last == f"#### {item['answer']}"
-        start = int(re.match(r"Start at (\d+):", item["problem"]).group(1))
-        ops = re.findall(r"([+\-*])(\d+)", item["problem"].split(":", 1)[1])
-        assert 3 <= len(lines) == len(ops) <= 5
-        value = start
-        for line, (sign, operand) in zip(lines, ops):
-            a, op, b, c = LINE.match(line).groups()
-            assert (int(a), op, b) == (value, sign, operand)
-            value = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
-            assert int(c) == value
+def check_chain(item, allow_slips: bool) -> int:
+    """Walk a solution line by line against its problem; return how many '*' lines are slips (a+b)."""
+    *lines, last = item["solution"].split("\n")
+    start = int(re.match(r"Start at (\d+):", item["problem"]).group(1))
+    ops = re.findall(r"([+\-*])(\d+)", item["problem"].split(":", 1)[1])
+    assert 3 <= len(lines) == len(ops) <= 5
+    value, slips = start, 0
+    for line, (sign, operand) in zip(lines, ops):
+        a, op, b, c = LINE.match(line).groups()
+        assert (int(a), op, b) == (value, sign, operand)  # each line continues from the line before
+        value = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+        if op == "*" and int(c) == int(a) + int(b) != value:
+            assert allow_slips, f"a slip in a solution that must be right: {line}"
+            value, slips = int(c), slips + 1
+        assert int(c) == value
+    assert last == f"#### {value}"
+    if slips == 0:
         assert str(value) == item["answer"]
-        target = vineppo.make_sft_target(item["solution"])
-        assert vineppo.grade_gsm8k(target, item["answer"]) == 1.0
-        assert len(vineppo.split_steps(target)) == len(lines)  # one step per operation, answer merged
+    target = vineppo.make_sft_target(item["solution"])
+    assert vineppo.grade_gsm8k(target, item["answer"]) == float(str(value) == item["answer"])
+    assert len(vineppo.split_steps(target)) == len(lines)  # one step per operation, answer merged
+    return slips
+
+
+def test_make_arith_task_solutions_are_gsm8k_shaped_and_chained():
+    """Every solution: lines 'a op b = c' chained from the problem, then '#### answer'. Test solutions
+    are all right; training solutions are right except the tutor's slips (a*b written as a+b), which
+    happen at about the asked rate among multiplications, and never with slip_rate 0."""
+    train, test = vineppo.make_arith_task(0, 4000, 500, 0.35)
+    assert all(check_chain(item, allow_slips=False) == 0 for item in test)
+    slips = sum(check_chain(item, allow_slips=True) for item in train)
+    multiplications = sum(sign == "*" for item in train for sign, _ in item["ops"])
+    assert 0.30 < slips / multiplications < 0.40
+    wrong = [item for item in train if vineppo.grade_gsm8k(item["solution"], item["answer"]) == 0]
+    assert 0.2 < len(wrong) / len(train) < 0.6  # most slips lead to a wrong final answer
+    clean, _ = vineppo.make_arith_task(0, 4000, 500, 0.0)
+    assert all(check_chain(item, allow_slips=False) == 0 for item in clean)
+    assert all(1 <= int(n) <= 20 for item in test for n in re.findall(r"\d+", item["solution"]))
