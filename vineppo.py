@@ -19,6 +19,7 @@ import argparse
 import ast
 import bisect
 import copy
+import functools
 import inspect
 import json
 import math
@@ -32,8 +33,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers import GenerationConfig
 
 
 # ============================================================================================
@@ -72,7 +73,7 @@ class Args:
     max_new_tokens: int = 1024
     """length limit of a response; a response cut by it gets reward 0 (paper: 1024)"""
     max_states_per_response: int = 25
-    """at most this many states are valued per response; later steps merge into the last (official: 25)"""
+    """only the first this-many states of a response are valued; later steps get advantage 0 (official: 25)"""
     rollout_batch_size: int = 256
     """most sequences in one `generate` call (the memory bound of the rollout phases)"""
 
@@ -123,7 +124,7 @@ class Args:
     """size of the built-in task's training set"""
     test_problems: int = 500
     """size of the built-in task's held-out test set"""
-    slip_rate: float = 0.35
+    slip_rate: float = 0.4
     """built-in task: how often the tutor who wrote the SFT solutions adds where it should multiply"""
 
 
@@ -136,18 +137,18 @@ class Args:
 # - 64 new tokens (the task's solutions are under 40), 400 SFT steps at lr 3e-3 from random weights,
 #   and evaluation on 256 held-out problems x 4 samples.
 TINY_DEMO_OVERRIDES = dict(
-    iterations=24,
+    iterations=14,
     prompts_per_iteration=32,
     samples_per_prompt=8,
     minibatch_size=128,
     micro_batch_size=64,
-    lr=3e-5,
+    lr=5e-5,
     mc_rollouts=4,
     max_new_tokens=64,
-    sft_epochs=6.4,  # 400 steps of 64 on 4,000 problems
+    sft_epochs=10.4,  # 650 steps of 64 on 4,000 problems
     sft_lr=3e-3,
     sft_batch_size=64,
-    eval_every=6,
+    eval_every=7,
     eval_problems=256,
     eval_samples=4,
 )
@@ -403,10 +404,16 @@ class Episode:
     text: str  # decoded response without EOS
     reward: float
     truncated: bool  # hit max_new_tokens without EOS (reward 0)
-    steps: list[str] = field(default_factory=list)
-    step_starts: list[int] = field(default_factory=list)  # token position where each step begins
+    steps: list[str] = field(default_factory=list)  # the text split (a step that owns no token is
+    step_starts: list[int] = field(default_factory=list)  # merged into the next here): token where each begins
     step_values: list[float] = field(default_factory=list)  # V(s_i), Monte Carlo critic only
     token_advantages: list[float] = field(default_factory=list)  # one per response token
+
+
+def autocast(device: torch.device):
+    """bf16 mixed precision for forward passes on CUDA; exact fp32 elsewhere. Weights stay fp32 (a bf16
+    weight cannot hold an lr=1e-6 step: it would round away)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 @torch.inference_mode()
@@ -430,11 +437,13 @@ def sample_continuations(model, prefixes: list[list[int]], budgets: list[int], *
         for r, i in enumerate(rows):
             input_ids[r, width - len(prefixes[i]):] = torch.tensor(prefixes[i])
             attention_mask[r, width - len(prefixes[i]):] = 1
-        output = model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-            do_sample=True, temperature=temperature, top_p=top_p, top_k=0,  # top_k=0: no silent top-50
-            max_new_tokens=max(budgets[i] for i in rows), eos_token_id=eos_id, pad_token_id=pad_id,
-        )
+        # A fresh GenerationConfig, so nothing from the model's saved one (repetition_penalty, top_k=50, ...)
+        # changes the distribution: samples must come from pi_old at this temperature and top_p, exactly.
+        config = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                                  max_new_tokens=max(budgets[i] for i in rows), eos_token_id=eos_id, pad_token_id=pad_id)
+        with autocast(device):
+            output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                    generation_config=config)
         new_tokens = output[:, width:].tolist()  # [rows, <= max budget]
         for r, i in enumerate(rows):
             ids = new_tokens[r][:budgets[i]]
@@ -466,14 +475,22 @@ def mc_values(states: list[tuple[int, ...]], k: int, rollout) -> tuple[dict, dic
     return values, per_state
 
 
-def step_advantages(values: list[float], reward: float) -> list[float]:
+def step_advantages(values: list[float], reward: float, n_steps: int | None = None) -> list[float]:
     """Step advantages with gamma = 1: A_i = r_i + V(s_{i+1}) - V(s_i), where V(s_n) = 0 (terminal) and
     r_i = 0 except r_{n-1} = R. So A_i = V(s_{i+1}) - V(s_i) and A_{n-1} = R - V(s_{n-1}); they telescope
     to R - V(s_0).
 
     >>> step_advantages([0.5, 0.25, 1.0], reward=1.0)
     [-0.25, 0.75, 0.0]
+
+    If only the first len(values) of n_steps states were valued (the official cap of 25 states per
+    response), the steps whose end state has no value get advantage 0:
+    >>> step_advantages([0.5, 0.25], reward=1.0, n_steps=4)
+    [-0.25, 0.0, 0.0, 0.0]
     """
+    n_steps = n_steps or len(values)
+    if n_steps > len(values):
+        return [v_next - v for v_next, v in zip(values[1:], values)] + [0.0] * (n_steps - len(values) + 1)
     next_values = values[1:] + [0.0]  # V(s_n) = 0: the terminal state has no value
     step_rewards = [0.0] * (len(values) - 1) + [reward]
     return [r + v_next - v for r, v_next, v in zip(step_rewards, next_values, values)]
@@ -588,8 +605,9 @@ def response_logprobs(model, mb: dict, temperature: float) -> torch.Tensor:
     """log pi(token | prefix) for every response token, from logits divided by the sampling temperature
     (so pi_old recomputed here is the distribution that was sampled from). Returns [B, T] in fp32."""
     n = mb["response_mask"].shape[1]
-    logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], position_ids=mb["position_ids"],
-                   logits_to_keep=n + 1).logits[:, :-1]  # [B, T, vocab]: position p predicts token p+1
+    with autocast(mb["input_ids"].device):  # position p predicts token p+1:
+        logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
+                       position_ids=mb["position_ids"], logits_to_keep=n + 1).logits[:, :-1]  # [B, T, vocab]
     logits = logits.float() / temperature
     targets = mb["input_ids"][:, -n:]  # [B, T]
     return (logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)) * mb["response_mask"]
@@ -598,15 +616,21 @@ def response_logprobs(model, mb: dict, temperature: float) -> torch.Tensor:
 def response_values(value_model, mb: dict) -> torch.Tensor:
     """V(s_t) for the state before each response token t: the value at the position just before it. [B, T]"""
     n = mb["response_mask"].shape[1]
-    values = value_model(mb["input_ids"], mb["attention_mask"], mb["position_ids"])  # [B, L]
+    with autocast(mb["input_ids"].device):
+        values = value_model(mb["input_ids"], mb["attention_mask"], mb["position_ids"])  # [B, L]
     return values[:, -n - 1:-1] * mb["response_mask"]
+
+
+def masked_mean_var(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (population) variance over the entries where mask is 1."""
+    n = mask.sum()
+    mean = (values * mask).sum() / n
+    return mean, (((values - mean) * mask) ** 2).sum() / n
 
 
 def whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(A - mean) / sqrt(var + 1e-8) over the masked entries (all response tokens of a minibatch)."""
-    n = mask.sum()
-    mean = (values * mask).sum() / n
-    var = (((values - mean) * mask) ** 2).sum() / n
+    mean, var = masked_mean_var(values, mask)
     return (values - mean) * torch.rsqrt(var + 1e-8) * mask
 
 
@@ -619,7 +643,8 @@ def ppo_policy_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torc
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
     losses = torch.maximum(unclipped, clipped) * mask
-    stats = {"clipped": ((clipped > unclipped).float() * mask).sum().item(), "ratio_sum": (ratio * mask).sum().item()}
+    stats = {"clipped": ((clipped > unclipped).float() * mask).sum().item(), "ratio_sum": (ratio * mask).sum().item(),
+             "approx_kl": (((ratio - 1) - log_ratio) * mask).sum().item()}  # KL(pi_old || pi), k3, summed
     return losses, stats
 
 
@@ -680,7 +705,7 @@ def build_tiny_model(tokenizer, seed: int):
     return AutoModelForCausalLM.from_config(config)
 
 
-def load_model_and_tokenizer(args: Args, device, dtype):
+def load_model_and_tokenizer(args: Args, device):
     """The tiny demo model, or any causal LM by hub id / local path through `from_pretrained`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -690,7 +715,7 @@ def load_model_and_tokenizer(args: Args, device, dtype):
     else:
         try:
             tokenizer = AutoTokenizer.from_pretrained(args.model, padding_side="left")
-            model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)  # fp32 master weights
         except OSError as error:
             sys.exit(f"error: could not load --model {args.model!r} ({str(error).splitlines()[0]}). Give a hub id "
                      f"you can reach, a local directory, or set HF_HUB_OFFLINE=1 to use the local cache.")
@@ -699,7 +724,7 @@ def load_model_and_tokenizer(args: Args, device, dtype):
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model.to(device=device, dtype=dtype).eval(), tokenizer  # eval(): dropout stays off (paper)
+    return model.to(device).eval(), tokenizer  # eval(): dropout stays off (paper)
 
 
 def pick_device(name: str) -> torch.device:
@@ -717,7 +742,8 @@ def supervised_finetune(model, tokenizer, problems: list[dict], args: Args, devi
     """SFT on the reference solutions (the paper's RL starts from an SFT model): cross-entropy on the
     response tokens of prompt + "\\n{solution}\\n" + EOS. Returns the last step's loss."""
     examples = [Episode(i, tokenizer(make_prompt(p["problem"]))["input_ids"],
-                        tokenizer(make_sft_target(p["solution"]))["input_ids"] + [tokenizer.eos_token_id], "", 0.0, False)
+                        tokenizer(make_sft_target(p["solution"]), add_special_tokens=False)["input_ids"]
+                        + [tokenizer.eos_token_id], "", 0.0, False)
                 for i, p in enumerate(problems)]
     steps = max(1, int(args.sft_epochs * len(examples) / args.sft_batch_size))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, weight_decay=0.0)
@@ -768,13 +794,14 @@ def sample_episodes(model, tokenizer, problems: list[dict], indices: list[int], 
                                    eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
                                    temperature=args.temperature, top_p=args.top_p,
                                    batch_size=args.rollout_batch_size, desc="sampling responses")
-    decode = lambda ids: decode_response(tokenizer, ids)  # noqa: E731
+    decode = functools.partial(decode_response, tokenizer)
     episodes = []
     for owner, (ids, ended) in zip(owners, outputs):
         text = decode(ids)
         reward = grade_gsm8k(text, problems[owner]["answer"]) if ended else 0.0
         steps = split_steps(text)
-        starts = step_token_starts(decode, ids, steps)[:args.max_states_per_response]  # cap: merge the tail
+        starts = step_token_starts(decode, ids, steps)
+        assert 0.0 <= reward <= 1.0
         episodes.append(Episode(owner, prompts[owner], ids, text, reward, truncated=not ended, steps=steps, step_starts=starts))
     return episodes
 
@@ -782,10 +809,10 @@ def sample_episodes(model, tokenizer, problems: list[dict], indices: list[int], 
 def assign_mc_advantages(model, tokenizer, episodes: list[Episode], problems: list[dict], args: Args) -> dict:
     """VinePPO's credit: V(s_i) by Monte Carlo from every step boundary of every response (all rolled out
     together, from pi_old, before any update), then step advantages, then one advantage per token."""
-    decode = lambda ids: decode_response(tokenizer, ids)  # noqa: E731
+    decode = functools.partial(decode_response, tokenizer)
     states, gold_of = [], {}
     for e in episodes:  # s_i = prompt + the response's own first t_i tokens (never re-tokenized text)
-        for t in e.step_starts:
+        for t in e.step_starts[:args.max_states_per_response]:  # official cap: at most 25 states valued
             state = tuple(e.prompt_ids + e.response_ids[:t])
             states.append(state)
             gold_of[state] = (problems[e.problem_index]["answer"], len(e.prompt_ids))
@@ -807,8 +834,10 @@ def assign_mc_advantages(model, tokenizer, episodes: list[Episode], problems: li
 
     values, per_state = mc_values(states, args.mc_rollouts, rollout)
     for e in episodes:
-        e.step_values = [values[tuple(e.prompt_ids + e.response_ids[:t])] for t in e.step_starts]
-        e.token_advantages = token_advantages(step_advantages(e.step_values, e.reward), e.step_starts, len(e.response_ids))
+        e.step_values = [values[tuple(e.prompt_ids + e.response_ids[:t])] for t in e.step_starts[:args.max_states_per_response]]
+        step_advs = step_advantages(e.step_values, e.reward, n_steps=len(e.step_starts))
+        e.token_advantages = token_advantages(step_advs, e.step_starts, len(e.response_ids))
+        assert len(e.token_advantages) == len(e.response_ids)  # one advantage per response token
     stds = [torch.tensor(r).std(unbiased=False).item() for r in per_state.values()]
     return {"tokens/mc": counts["tokens"], "mc/states": len(values), "mc/value_std": sum(stds) / len(stds),
             "mc/truncated_frac": counts["truncated"] / max(1, len(values) * args.mc_rollouts)}
@@ -833,13 +862,14 @@ def ppo_update(policy, value_model, optimizers, schedulers, batch: dict, fixed: 
     """The PPO update shared by both methods (paper appendix): `epochs` passes, shuffled minibatches of
     responses, token advantages whitened per minibatch, clipped surrogate averaged over tokens, plus beta
     times the k3 KL to the reference summed per response and averaged over responses."""
-    totals = {"policy_loss": 0.0, "kl": 0.0, "clipped": 0.0, "tokens": 0.0, "value_loss": 0.0, "steps": 0, "skipped": 0}
+    totals = {"policy_loss": 0.0, "kl": 0.0, "clipped": 0.0, "approx_kl": 0.0, "tokens": 0.0, "value_loss": 0.0,
+              "steps": 0, "skipped": 0}
     n_responses = len(batch["input_ids"])
     for _ in range(args.epochs):
         for minibatch in torch.randperm(n_responses).split(args.minibatch_size):
             whitened = whiten(advantages[minibatch], batch["response_mask"][minibatch])  # [mb, T]
             n_tokens = batch["response_mask"][minibatch].sum().item()
-            ratio_sum, parts = 0.0, {"policy_loss": 0.0, "kl": 0.0, "clipped": 0.0, "value_loss": 0.0}
+            ratio_sum, parts = 0.0, {"policy_loss": 0.0, "kl": 0.0, "clipped": 0.0, "approx_kl": 0.0, "value_loss": 0.0}
             for start in range(0, len(minibatch), args.micro_batch_size):
                 rows = minibatch[start:start + args.micro_batch_size]
                 mb = slice_batch(batch, rows, device)
@@ -855,6 +885,7 @@ def ppo_update(policy, value_model, optimizers, schedulers, batch: dict, fixed: 
                 parts["policy_loss"] += policy_loss.item()
                 parts["kl"] += kl.item()
                 parts["clipped"] += stats["clipped"]
+                parts["approx_kl"] += stats["approx_kl"]
                 if value_model is not None:
                     values = response_values(value_model, mb)
                     v_loss = value_loss(values, pick(fixed["values_old"]), pick(returns), mask, args.value_clip_range)
@@ -875,7 +906,9 @@ def ppo_update(policy, value_model, optimizers, schedulers, batch: dict, fixed: 
             for key, value in parts.items():
                 totals[key] += value
     steps = max(1, totals["steps"])
-    out = {"losses/policy_loss": totals["policy_loss"] / steps, "losses/kl": totals["kl"] / steps,
+    out = {"losses/policy_loss": totals["policy_loss"] / steps,
+           "losses/kl": totals["kl"] / steps,  # k3 KL to the frozen reference, per response (the loss term)
+           "losses/approx_kl": totals["approx_kl"] / max(1.0, totals["tokens"]),  # pi_old -> pi, per token
            "losses/clipfrac": totals["clipped"] / max(1.0, totals["tokens"]), "losses/skipped_minibatches": totals["skipped"]}
     if value_model is not None:
         out["losses/value_loss"] = totals["value_loss"] / steps
@@ -884,11 +917,7 @@ def ppo_update(policy, value_model, optimizers, schedulers, batch: dict, fixed: 
 
 def explained_variance(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> float:
     """1 - Var(target - predicted) / Var(target) over masked entries: 1 is perfect, 0 is a constant guess."""
-    n = mask.sum()
-    def var(x):
-        mean = (x * mask).sum() / n
-        return (((x - mean) * mask) ** 2).sum() / n
-    return float(1 - var(target - predicted) / var(target).clamp(min=1e-8))
+    return float(1 - masked_mean_var(target - predicted, mask)[1] / masked_mean_var(target, mask)[1].clamp(min=1e-8))
 
 
 # ============================================================================================
@@ -930,12 +959,11 @@ def main(argv: list[str] | None = None) -> dict:
     random.seed(args.seed)  # seeding in one place
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     prepare_output_dir(args)
 
     train, test = make_arith_task(args.seed, args.train_problems, args.test_problems, args.slip_rate)
     test = test[:args.eval_problems] if args.eval_problems else test
-    policy, tokenizer = load_model_and_tokenizer(args, device, dtype)
+    policy, tokenizer = load_model_and_tokenizer(args, device)
     n_params = sum(p.numel() for p in policy.parameters())
     print(f"model {args.model} ({n_params / 1e6:.2f}M params) on {device} | task {args.task}: {len(train)} train, "
           f"{len(test)} test problems | critic {args.critic} | output {args.output_dir}")
@@ -966,7 +994,7 @@ def main(argv: list[str] | None = None) -> dict:
         record = {"iteration": iteration}
         # 1. sample responses from pi_old and grade them
         start = time.time()
-        indices = [sampler.randrange(len(train)) for _ in range(args.prompts_per_iteration)]
+        indices = sampler.sample(range(len(train)), args.prompts_per_iteration)  # distinct problems
         episodes = sample_episodes(policy, tokenizer, train, indices, args)
         record["time/rollout_s"] = time.time() - start
         record["tokens/rollout"] = sum(len(e.response_ids) for e in episodes)
