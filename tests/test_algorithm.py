@@ -8,6 +8,8 @@ byte offsets); nothing is copied from the function's own output.
 """
 
 import bisect
+import doctest
+import functools
 import inspect
 import math
 import random
@@ -647,6 +649,57 @@ def test_assign_mc_advantages_rolls_out_trajectory_prefixes(monkeypatch, bpe_tok
     assert e0.token_advantages == pytest.approx([v1 - v0] * n1 + [0.0 - v1] * (len(e0.response_ids) - n1))
     assert e1.token_advantages == pytest.approx([1.0 - v0] * len(e1.response_ids))
     assert stats["mc/states"] == 3
+
+
+def test_assign_mc_advantages_caps_the_valued_states(monkeypatch):
+    """The official cap: only the first max_states_per_response states are rolled out; the steps whose end
+    state is not valued (the last valued one and all later) get advantage 0."""
+    tok = vineppo.build_tiny_tokenizer()
+    args = vineppo.Args(mc_rollouts=2, max_new_tokens=60, max_states_per_response=2)
+    prompt = tok.encode("Q\n", add_special_tokens=False)
+    text = "\n1+1=2\n2+1=3\n3+1=4\n#### 4\n"
+    ids = tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
+    steps = vineppo.split_steps(text)
+    starts = vineppo.step_token_starts(functools.partial(vineppo.decode_response, tok), ids, steps)
+    episode = vineppo.Episode(0, prompt, ids, text, 1.0, False, steps=steps, step_starts=starts)
+    assert len(starts) == 3
+    rolled = []
+
+    def fake(model, prefixes, budgets, **kw):
+        rolled.extend(map(tuple, prefixes))
+        return [((tok.encode("#### 4", add_special_tokens=False) if len(p) == len(prompt) else []) + [tok.eos_token_id], True)
+                for p in prefixes]
+
+    monkeypatch.setattr(vineppo, "sample_continuations", fake)
+    vineppo.assign_mc_advantages(None, tok, [episode], [{"problem": "", "answer": "4"}], args)
+    assert set(rolled) == {tuple(prompt), tuple(prompt + ids[:starts[1]])}  # s_2 is never rolled out
+    assert episode.step_values == [1.0, 0.0]  # V(s_0) = 1 ("#### 4"); V(s_1) = 0 (no answer)
+    assert episode.token_advantages == [-1.0] * starts[1] + [0.0] * (len(ids) - starts[1])
+
+
+def test_sampling_ignores_the_model_generation_config():
+    """A hub model's saved generation config (top_k, repetition_penalty, ...) must not change how pi_old
+    samples: the same seed gives the same samples with or without it."""
+    tok = vineppo.build_tiny_tokenizer()
+    model = vineppo.build_tiny_model(tok, seed=0).eval()
+    prefixes = [tok.encode(vineppo.make_prompt("Start at 3: +4."), add_special_tokens=False)] * 8
+    kwargs = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=1.0, top_p=1.0, batch_size=8,
+                  progress=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        clean = vineppo.sample_continuations(model, prefixes, [12] * 8, **kwargs)
+        model.generation_config.top_k = 1
+        model.generation_config.repetition_penalty = 5.0
+        torch.manual_seed(0)
+        polluted = vineppo.sample_continuations(model, prefixes, [12] * 8, **kwargs)
+    assert clean == polluted
+    assert len({tuple(ids) for ids, _ in clean}) > 1  # really sampled at T=1, not greedy
+
+
+def test_docstring_examples_hold():
+    """The worked examples in vineppo.py's docstrings are part of the documentation: they must be true."""
+    failures, tried = doctest.testmod(vineppo)[:2]
+    assert tried >= 5 and failures == 0
 
 
 # ============================================================================================
