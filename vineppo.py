@@ -4,7 +4,8 @@ Kazemnejad et al., "VinePPO: Refining Credit Assignment in RL Training of LLMs" 
 
     python vineppo.py                        # offline demo: tiny model, built-in arithmetic task, CPU
     python vineppo.py --critic value         # the same run, but classic PPO with a learned value network
-    python vineppo.py --model Qwen/Qwen2.5-0.5B --mc-rollouts 9 --device cuda
+    python vineppo.py --model Qwen2.5-0.5B                 # GSM8K with the paper's settings (GPU, hub)
+    python vineppo.py --model Qwen2.5-0.5B --task math     # MATH (train 12k - MATH500, test MATH500)
 
 The file reads top to bottom in the order the algorithm runs:
     Args -> task (problems, prompt, grading) -> step splitting -> sampling with `generate`
@@ -17,14 +18,17 @@ from __future__ import annotations
 
 import argparse
 import ast
+import atexit
 import bisect
 import copy
 import functools
 import inspect
 import json
 import math
+import multiprocessing
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -43,9 +47,13 @@ from transformers import GenerationConfig
 @dataclass
 class Args:
     model: str = "tiny"
-    """'tiny' builds the offline demo model from a config; anything else is a hub id or a local path"""
-    task: str = "arith"
-    """'arith': the built-in multi-step arithmetic task (GSM8K-shaped solutions)"""
+    """'tiny' builds the offline demo model; else a short name (Qwen2.5-0.5B), a hub id or a local directory"""
+    task: str = "auto"
+    """'arith' (built-in), 'gsm8k' or 'math'; 'auto' = arith for the tiny model, gsm8k otherwise"""
+    dataset_path: str = ""
+    """local data in the hub's fields instead of the hub: 'train.jsonl' or 'train.jsonl,test.jsonl'"""
+    validation_size: int = -1
+    """train problems held out for validation; -1 = the paper's (5% of GSM8K, 500 of MATH, at most 1/10)"""
     critic: str = "mc"
     """where advantages come from: 'mc' = VinePPO's Monte Carlo values, 'value' = PPO's value network"""
     mc_rollouts: int = 9
@@ -76,6 +84,10 @@ class Args:
     """only the first this-many states of a response are valued; later steps get advantage 0 (official: 25)"""
     rollout_batch_size: int = 256
     """most sequences in one `generate` call (the memory bound of the rollout phases)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass: less GPU memory, slower updates"""
+    offload_reference: bool = False
+    """keep the frozen reference model on the CPU; it visits the GPU only to compute its log-probs"""
 
     # --- PPO update (paper: 2 epochs, minibatch 64, AdamW lr 1e-6, 3% warmup, clip 0.2, beta 1e-4)
     epochs: int = 2
@@ -179,6 +191,9 @@ def parse_args(argv: list[str] | None = None) -> Args:
     values = dict(TINY_DEMO_OVERRIDES) if given.get("model", Args.model) == "tiny" else {}
     values.update(given)
     args = Args(**values)
+    args.model = resolve_model_name(args.model)
+    if args.task == "auto":
+        args.task = "arith" if args.model == "tiny" else "gsm8k"
     if not args.output_dir:
         args.output_dir = os.path.join("runs", f"{args.task}-{args.critic}-seed{args.seed}")
     check_args(args)
@@ -190,8 +205,12 @@ def check_args(args: Args) -> None:
     problems = []
     if args.critic not in ("mc", "value"):
         problems.append(f"--critic must be 'mc' or 'value', got {args.critic!r}")
-    if args.task != "arith":
-        problems.append(f"unknown --task {args.task!r}: the built-in task is 'arith'")
+    if args.task not in ("arith", "gsm8k", "math"):
+        problems.append(f"unknown --task {args.task!r}: use arith (built-in), gsm8k or math")
+    if args.task == "arith" and args.dataset_path:
+        problems.append("--dataset-path needs --task gsm8k or --task math (the arith task is generated)")
+    if args.validation_size < -1:
+        problems.append(f"--validation-size must be -1 (paper default) or at least 0, got {args.validation_size}")
     for name in ("mc_rollouts", "iterations", "prompts_per_iteration", "samples_per_prompt", "max_new_tokens",
                  "max_states_per_response", "rollout_batch_size", "epochs", "minibatch_size", "micro_batch_size",
                  "sft_batch_size", "eval_every", "eval_samples", "train_problems", "test_problems"):
@@ -301,20 +320,269 @@ def make_arith_task(seed: int, n_train: int, n_test: int, slip_rate: float) -> t
 
 
 def extract_gsm8k_answer(text: str) -> str | None:
-    """The text after the last '####', stripped of commas and spaces; None if there is none."""
+    """The text after the last '####', stripped of commas, '$' and spaces; None if there is none."""
     if "####" not in text:
         return None
-    answer = text.rsplit("####", 1)[1].strip().replace(",", "")
+    answer = text.rsplit("####", 1)[1].strip().replace(",", "").replace("$", "")
     return answer.split("\n")[0].strip() or None
 
 
 def grade_gsm8k(text: str, gold: str) -> float:
-    """Reward 1.0 if the final answer equals the gold answer as a string (official GSM8K grader), else 0."""
+    """Reward 1.0 if the final answer equals the gold answer as a string, else 0. This is the official
+    GSM8K grader (exact match after removing commas), so "18.0" != "18"; we also drop '$'."""
     return float(extract_gsm8k_answer(text) == gold.replace(",", "").strip())
 
 
+# --- real datasets: every task yields dicts with "problem", "solution" (the SFT target) and "answer"
+MATH_SUBJECTS = ["algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",
+                 "prealgebra", "precalculus"]
+HUB_DATASETS = {  # task -> (train sources, test sources), each a `datasets.load_dataset` call
+    "gsm8k": ([dict(path="openai/gsm8k", name="main", split="train")],  # 7,473 train / 1,319 test
+              [dict(path="openai/gsm8k", name="main", split="test")]),
+    # MATH train as in the paper (the PRM800K split): all 12,500 MATH problems minus the 500 of MATH500
+    "math": ([dict(path="EleutherAI/hendrycks_math", name=subject, split="train+test") for subject in MATH_SUBJECTS],
+             [dict(path="HuggingFaceH4/MATH-500", split="test")]),
+}
+
+
+def to_problem(task: str, row: dict) -> dict:
+    """One dataset row in the hub's fields -> {problem, solution, answer}. GSM8K rows: question, answer
+    (worked solution ending '#### N'); the <<48/2=24>> calculator annotations are removed from the SFT
+    target (paper). MATH rows: problem, solution, optional answer (else the solution's last \\boxed{})."""
+    if task == "gsm8k":
+        solution = re.sub(r"<<[^<>]*>>", "", row["answer"])
+        return {"problem": row["question"], "solution": solution, "answer": extract_gsm8k_answer(solution)}
+    return {"problem": row["problem"], "solution": row["solution"],
+            "answer": row.get("answer") or last_boxed(row["solution"])}
+
+
+def load_problems(task: str, sources: list[dict]) -> list[dict]:
+    """Hub sets and local JSONL files take the same path: `load_dataset`, then `to_problem`."""
+    from datasets import load_dataset
+    problems = []
+    for source in sources:
+        name = source.get("data_files") or source["path"]
+        try:
+            rows = load_dataset(**source)
+        except (OSError, ValueError) as error:
+            sys.exit(f"error: could not load {name} ({str(error).splitlines()[0][:200]}); give a local copy with "
+                     f"--dataset-path train.jsonl,test.jsonl or set HF_HUB_OFFLINE=1 with the dataset in your hub cache")
+        try:
+            problems += [to_problem(task, row) for row in rows]
+        except KeyError as missing:
+            sys.exit(f"error: rows of {name} lack the field {missing}; --task {task} needs "
+                     + ("question, answer" if task == "gsm8k" else "problem, solution"))
+    return [p for p in problems if p["answer"]]  # a reference without a final answer cannot grade anything
+
+
+def load_task(args: Args) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, validation, test). Validation is held out of train (never trained on) by a fixed shuffle
+    that does not depend on --seed; without a local test file it doubles as the test set."""
+    if args.task == "arith":
+        train, test = make_arith_task(args.seed, args.train_problems, args.test_problems, args.slip_rate)
+        return train, [], test
+    if args.dataset_path:
+        train_file, _, test_file = args.dataset_path.partition(",")
+        train_sources = [dict(path="json", data_files=train_file, split="train")]
+        test_sources = [dict(path="json", data_files=test_file, split="train")] if test_file else []
+    else:
+        train_sources, test_sources = HUB_DATASETS[args.task]
+    train, test = load_problems(args.task, train_sources), load_problems(args.task, test_sources)
+    if args.task == "math" and not args.dataset_path:
+        test_problems = {p["problem"] for p in test}
+        train = [p for p in train if p["problem"] not in test_problems]  # 12,500 - MATH500 = 12,000
+    n_val = args.validation_size
+    if n_val == -1:  # the paper's: about 370 of GSM8K's 7,473; 500 of MATH's 12,000
+        n_val = min(round(0.05 * len(train)) if args.task == "gsm8k" else 500, len(train) // 10)
+    order = random.Random(0).sample(range(len(train)), len(train))
+    validation, train = [train[i] for i in order[:n_val]], [train[i] for i in sorted(order[n_val:])]
+    if not train or not (test or validation):
+        sys.exit(f"error: {len(train)} train / {len(validation)} validation / {len(test)} test problems: "
+                 f"--task {args.task} needs train problems and a test file or a validation split")
+    return train, validation, test or validation
+
+
+# --- MATH grading: last \boxed{}, normalised, equal by string, by number or by sympy
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} (or \\fbox{...}), braces matched; None if absent or unclosed.
+
+    >>> last_boxed("so $x = \\\\boxed{\\\\frac{1}{2}}$.")
+    '\\\\frac{1}{2}'
+    """
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    rest = text[start + (len("\\fbox") if text.startswith("\\fbox", start) else len("\\boxed")):]
+    if rest.startswith(" "):  # "\boxed 5$": up to the next $ or the end
+        return rest.strip().split("$")[0].strip() or None
+    depth = 0
+    for i, char in enumerate(rest):
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        if depth == 0:
+            return rest[1:i] if i > 0 else None
+    return None
+
+
+def normalize_math_answer(answer: str) -> str:
+    """Canonical string of a MATH answer (after Hendrycks et al. and the Minerva normalisation):
+    drop \\left/\\right, spacing, '$', degrees, '\\%', units; dfrac/tfrac -> frac; \\frac12 -> \\frac{1}{2};
+    'x = 3' -> '3'; 1,000 -> 1000; 18.0 -> 18; .5 -> 0.5; then no spaces.
+
+    >>> normalize_math_answer("x = \\\\dfrac12 \\\\text{ cm}")
+    '\\\\frac{1}{2}'
+    """
+    s = answer.strip().replace("\n", "").rstrip(".")
+    for old, new in [("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""),
+                     ("\\$", ""), ("$", ""), ("\\%", ""), ("%", ""), ("{,}", ","), ("\\dfrac", "\\frac"),
+                     ("\\tfrac", "\\frac"), ("^{\\circ}", ""), ("^\\circ", ""), ("°", ""), ("\\displaystyle", ""),
+                     ("bmatrix", "pmatrix"), ("\\le ", "\\le"), ("\\ge ", "\\ge")]:
+        s = s.replace(old, new)
+    s = re.sub(r"(?<!\\)\\ ", " ", s)  # "\ " is a space, but "\\ " ends a matrix row
+    s = re.sub(r"^(.*\d)\s*\\(?:text|mbox|mathrm)\{\s*[a-zA-Z][a-zA-Z\s^.]*\}$", r"\1", s)  # 5\text{ cm} -> 5
+    s = re.sub(r"\\(?:text|textbf|mbox|mathrm)\{([^{}]*)\}", r"\1", s).strip()  # \text{(C)} -> (C)
+    s = re.sub(r"^(-?[\d.,/]+)\s+[a-zA-Z][a-zA-Z\s]*$", r"\1", s)  # 5 inches -> 5
+    if s.count("=") == 1 and re.fullmatch(r"\s*[a-zA-Z]\w?\s*", s.split("=")[0]):
+        s = s.split("=")[1]  # x = 3 -> 3 (a short variable on the left only)
+    s = s.replace(" ", "")
+    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)  # \frac12 -> \frac{1}{2}
+    s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)
+    s = re.sub(r"\\frac\{([^{}]*)\}(\w)", r"\\frac{\1}{\2}", s)
+    s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s)  # \sqrt2 -> \sqrt{2}
+    s = re.sub(r"^(-?\d+)/(\d+)$", r"\\frac{\1}{\2}", s)  # 3/4 -> \frac{3}{4}
+    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
+        s = s.replace(",", "")  # 1,000 -> 1000 (but "1,2" stays a list)
+    s = re.sub(r"(^|[^\d])\.(\d)", r"\g<1>0.\2", s)  # .5 -> 0.5
+    if re.fullmatch(r"-?\d+\.\d*", s):
+        s = s.rstrip("0").rstrip(".")  # 18.0 -> 18, 2.50 -> 2.5
+    return s
+
+
+def split_top_level(s: str, separators: str = ",") -> list[str]:
+    """Split at separators that are not inside (), [] or {}."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(s):
+        depth += (char in "([{") - (char in ")]}")
+        if char in separators and depth == 0:
+            parts.append(s[start:i])
+            start = i + 1
+    return parts + [s[start:]]
+
+
+def parse_number(s: str) -> float | None:
+    """A plain number, a/b or \\frac{a}{b} of plain numbers, as a float; None for anything else."""
+    match = re.fullmatch(r"(-?)\\frac\{(-?[\d.]+)\}\{(-?[\d.]+)\}", s) or re.fullmatch(r"(-?)([\d.]+)/([\d.]+)", s)
+    try:
+        if match:
+            return (-1 if match[1] else 1) * float(match[2]) / float(match[3])
+        return float(s) if re.fullmatch(r"-?\d*\.?\d+(e-?\d+)?", s) else None
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+@functools.lru_cache(maxsize=100_000)
+def math_equal(a: str, b: str) -> bool:
+    """Are two NORMALISED MATH answers equal? By string; element by element for tuples, intervals (the
+    brackets must match), matrices and comma lists (in any order); by number within 1e-3; else by sympy."""
+    if a == b:
+        return True
+    matrices = [re.fullmatch(r"\\begin\{pmatrix\}(.*)\\end\{pmatrix\}", s) for s in (a, b)]
+    if all(matrices):
+        rows = [[row.split("&") for row in m[1].split("\\\\")] for m in matrices]
+        return ([len(r) for r in rows[0]] == [len(r) for r in rows[1]] and
+                all(math_equal(x, y) for r0, r1 in zip(*rows) for x, y in zip(r0, r1)))
+    parts_a, parts_b = split_top_level(a), split_top_level(b)
+    if len(parts_a) > 1 or len(parts_b) > 1:  # a comma list: any order
+        unmatched = list(parts_b)
+        for x in parts_a:
+            match = next((y for y in unmatched if math_equal(x, y)), None)
+            if match is None:
+                return False
+            unmatched.remove(match)
+        return not unmatched
+    bracketed = [re.fullmatch(r"([(\[])(.*,.*)([)\]])", s) for s in (a, b)]
+    if any(bracketed):  # tuple or interval: same brackets, same elements in order
+        return (all(bracketed) and bracketed[0][1] + bracketed[0][3] == bracketed[1][1] + bracketed[1][3] and
+                len(split_top_level(bracketed[0][2])) == len(split_top_level(bracketed[1][2])) and
+                all(map(math_equal, split_top_level(bracketed[0][2]), split_top_level(bracketed[1][2]))))
+    x, y = parse_number(a), parse_number(b)
+    if x is not None and y is not None:
+        return abs(x - y) <= 1e-3
+    return sympy_equal(a, b)
+
+
+def latex_to_sympy(s: str) -> str | None:
+    """The common LaTeX of MATH answers as a sympy expression string: \\frac, \\sqrt, \\pi, ^, \\cdot,
+    \\times, \\infty, implicit products. None for anything else (sympy then never sees it, and
+    parse_expr never evaluates text that is not plain arithmetic)."""
+    for _ in range(10):  # innermost first: \frac{\sqrt{2}}{2} -> ((sqrt(2))/(2))
+        s, n = re.subn(r"\\frac\{([^{}]*)\}\{([^{}]*)\}|\\sqrt\{([^{}]*)\}|\\sqrt\[([^{}\[\]]*)\]\{([^{}]*)\}",
+                       lambda m: f"(({m[1]})/({m[2]}))" if m[1] is not None else f"sqrt({m[3]})" if m[3] is not None
+                       else f"(({m[5]})**(1/({m[4]})))", s)
+        if not n:
+            break
+    for old, new in [("\\pi", " pi "), ("\\infty", " oo "), ("\\cdot", "*"), ("\\times", "*"), ("^", "**"),
+                     ("{", "("), ("}", ")"), ("\\sin", " sin"), ("\\cos", " cos"), ("\\tan", " tan"), ("\\ln", " log"),
+                     ("\\log", " log"), ("\\exp", " exp")]:
+        s = s.replace(old, new)
+    words = re.findall(r"[a-zA-Z]+", s)
+    if not re.fullmatch(r"[\w+\-*/().\s]*", s) or "_" in s or any(
+            len(w) > 1 and w not in ("sqrt", "pi", "oo", "sin", "cos", "tan", "log", "exp") for w in words):
+        return None
+    return s
+
+
+def _sympy_equal_worker(a: str, b: str) -> bool:
+    """Runs in the grading process: parse both, equal if their difference simplifies to 0 or, with no
+    free symbols, evaluates to within 1e-3 of 0."""
+    import sympy
+    from sympy.parsing.sympy_parser import (convert_xor, implicit_multiplication_application, parse_expr,
+                                            standard_transformations)
+    transformations = standard_transformations + (implicit_multiplication_application, convert_xor)
+    try:
+        difference = sympy.simplify(parse_expr(a, transformations=transformations)
+                                    - parse_expr(b, transformations=transformations))
+        return difference == 0 or (not difference.free_symbols and abs(complex(difference.evalf())) <= 1e-3)
+    except Exception:  # noqa: BLE001 - any expression sympy cannot handle is simply "not equal"
+        return False
+
+
+SYMPY_TIMEOUT_S = 3.0
+_sympy_pool = None
+
+
+def sympy_equal(a: str, b: str) -> bool:
+    """sympy equivalence of two normalised answers, in a separate worker process with a time limit: a
+    huge power like 9^{9^{9}} blocks inside C code, where no signal can stop it, so on timeout the worker
+    is killed (and restarted on the next call) and the answers count as not equal."""
+    global _sympy_pool
+    x, y = latex_to_sympy(a), latex_to_sympy(b)
+    if x is None or y is None:
+        return False
+    if _sympy_pool is None:
+        methods = multiprocessing.get_all_start_methods()
+        _sympy_pool = multiprocessing.get_context("fork" if "fork" in methods else "spawn").Pool(1)
+        atexit.register(_sympy_pool.terminate)
+    try:
+        return _sympy_pool.apply_async(_sympy_equal_worker, (x, y)).get(SYMPY_TIMEOUT_S)
+    except multiprocessing.TimeoutError:
+        _sympy_pool.terminate()
+        _sympy_pool = None
+        return False
+
+
+def grade_math(text: str, gold: str) -> float:
+    """Reward 1.0 if the response's last \\boxed{} answer is equivalent to the gold answer (paper), else 0."""
+    predicted = last_boxed(text)
+    return float(predicted is not None and math_equal(normalize_math_answer(predicted), normalize_math_answer(gold)))
+
+
+def grade(task: str, text: str, gold: str) -> float:
+    """The task's reward: the MATH grader for 'math', the GSM8K grader for 'gsm8k' and the built-in task."""
+    return grade_math(text, gold) if task == "math" else grade_gsm8k(text, gold)
+
+
 # ============================================================================================
-# Step segmentation (paper section 4: a step is one line of a GSM8K-style solution)
+# Step segmentation (paper section 4: a line of GSM8K; MATH's math-aware rule)
 # ============================================================================================
 def split_steps(text: str) -> list[str]:
     """Split a response into reasoning steps on its text; the steps re-join to the text exactly.
@@ -354,6 +622,67 @@ def split_steps(text: str) -> list[str]:
         steps = [text]
     assert "".join(steps) == text, "steps must re-join to the response"
     return steps
+
+
+# Math regions: $$..$$, $..$, \(..\), \[..\], \begin{env}..\end{env}; an unclosed one runs to the end.
+MATH_REGION = re.compile(r"(?<!\\)\$\$.*?(?<!\\)\$\$|(?<!\\)\$.*?(?<!\\)\$|\\\(.*?\\\)|\\\[.*?\\\]"
+                         r"|\\begin\{([a-zA-Z]+\*?)\}.*?\\end\{\1\}|(?<!\\)\$.*|\\[(\[].*|\\begin\{.*", re.DOTALL)
+
+
+def math_blocked(text: str) -> list[bool]:
+    """blocked[i] is True where a cut at character i would fall strictly inside a math region."""
+    blocked = [False] * (len(text) + 1)
+    for match in MATH_REGION.finditer(text):
+        for i in range(match.start() + 1, match.end()):
+            blocked[i] = True
+    return blocked
+
+
+def split_math_steps(text: str, min_chars: int = 20, max_chars: int = 100) -> list[str]:
+    """Split a MATH-style response into steps on its text (PAPER.md); the steps re-join to it exactly.
+
+    Cut before every newline and after every sentence end ('. ' + capital letter, cut before the space),
+    never inside math; merge pieces under min_chars characters into the next (the last into the one
+    before); bisect pieces over max_chars after a ',' or '=' outside math in their middle half (so both
+    halves keep over a quarter each); a piece with no such place stays long.
+
+    >>> split_math_steps("First we note that $x = 2$. Then $y = x + 1 = 3$.\\nSo the answer is $\\\\boxed{3}$.")
+    ['First we note that $x = 2$.', ' Then $y = x + 1 = 3$.', '\\nSo the answer is $\\\\boxed{3}$.']
+    """
+    blocked = math_blocked(text)
+    cuts = [i for i in range(1, len(text)) if not blocked[i] and (
+        text[i] == "\n" or (text[i - 1] == "." and text[i] == " " and text[i + 1:i + 2].isupper()))]
+    merged, carry = [], ""
+    for a, b in zip([0] + cuts, cuts + [len(text)]):
+        carry += text[a:b]
+        if len(carry) >= min_chars:
+            merged.append(carry)
+            carry = ""
+    if carry:
+        if merged:
+            merged[-1] += carry
+        else:
+            merged.append(carry)
+
+    def bisect_long(piece: str, offset: int) -> list[str]:
+        n = len(piece)
+        places = [i for i in range(n // 4 + 1, 3 * n // 4) if piece[i - 1] in ",=" and not blocked[offset + i]]
+        if n <= max_chars or not places:
+            return [piece]
+        cut = min(places, key=lambda i: abs(2 * i - n))  # nearest the middle
+        return bisect_long(piece[:cut], offset) + bisect_long(piece[cut:], offset + cut)
+
+    steps, offset = [], 0
+    for piece in merged:
+        steps += bisect_long(piece, offset)
+        offset += len(piece)
+    assert "".join(steps) == text, "steps must re-join to the response"
+    return steps
+
+
+def split_response(task: str, text: str) -> list[str]:
+    """The task's step rule: MATH's math-aware rule for 'math', one step per line otherwise."""
+    return split_math_steps(text) if task == "math" else split_steps(text)
 
 
 def step_token_starts(decode, response_ids: list[int], steps: list[str]) -> list[int]:
@@ -705,8 +1034,52 @@ def build_tiny_model(tokenizer, seed: int):
     return AutoModelForCausalLM.from_config(config)
 
 
+# Short names a user types -> hub organisations (`--model Qwen2.5-0.5B` means Qwen/Qwen2.5-0.5B).
+MODEL_ORGS = {"qwen": "Qwen", "llama-": "meta-llama", "meta-llama": "meta-llama", "codellama": "meta-llama",
+              "gemma": "google", "mistral": "mistralai", "mixtral": "mistralai", "phi-": "microsoft",
+              "rho-math": "microsoft", "rho-1b-sft": "realtreetune", "rho-7b-sft": "realtreetune",
+              "deepseek": "deepseek-ai", "smollm": "HuggingFaceTB", "tinyllama": "TinyLlama", "olmo": "allenai",
+              "pythia": "EleutherAI", "gpt-neo": "EleutherAI", "opt-": "facebook", "falcon": "tiiuae"}
+
+
+def resolve_model_name(name: str) -> str:
+    """'tiny', a local directory and an 'org/name' id stay as they are; a short name of a known family
+    gets its organisation; anything else (e.g. 'gpt2', an id without organisation) stays as it is.
+
+    >>> resolve_model_name("Qwen2.5-0.5B"), resolve_model_name("rho-1b-sft-GSM8K")
+    ('Qwen/Qwen2.5-0.5B', 'realtreetune/rho-1b-sft-GSM8K')
+    """
+    if name == "tiny" or "/" in name or os.path.isdir(name):
+        return name
+    org = next((org for prefix, org in MODEL_ORGS.items() if name.lower().startswith(prefix)), None)
+    return f"{org}/{name}" if org else name
+
+
+def check_hub_reachable(args: Args, timeout_s: float = 5.0) -> None:
+    """Fail in seconds with one clear line when the hub is needed and unreachable (a bare `from_pretrained`
+    retries for ~46 s, `load_dataset` ~23 s, then raise). Needed for a model that is not a local directory
+    and for a real task without --dataset-path; not with HF_HUB_OFFLINE=1 (the cache is used instead)."""
+    from huggingface_hub import constants
+    needs = [f"--model {args.model}"] if args.model != "tiny" and not os.path.isdir(args.model) else []
+    needs += [f"the {args.task} dataset"] if args.task != "arith" and not args.dataset_path else []
+    if not needs or constants.HF_HUB_OFFLINE:
+        return
+    import urllib.error
+    import urllib.request
+    try:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout_s)
+    except urllib.error.HTTPError:
+        pass  # the hub answered: it is reachable (an error status is for from_pretrained to explain)
+    except (OSError, ValueError) as error:
+        reason = getattr(error, "reason", error)
+        sys.exit(f"error: cannot reach the Hugging Face hub at {constants.ENDPOINT} ({reason}) for {' and '.join(needs)}; "
+                 f"point at local copies (--model DIR, --dataset-path train.jsonl,test.jsonl) or set HF_HUB_OFFLINE=1 "
+                 f"to use models and datasets already in your hub cache")
+
+
 def load_model_and_tokenizer(args: Args, device):
-    """The tiny demo model, or any causal LM by hub id / local path through `from_pretrained`."""
+    """The tiny demo model, or any causal LM by hub id / local path through `from_pretrained`. A tokenizer
+    without EOS gets one (SFT teaches it); without a pad token, EOS pads (left padding is masked)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if args.model == "tiny":
@@ -720,11 +1093,34 @@ def load_model_and_tokenizer(args: Args, device):
             sys.exit(f"error: could not load --model {args.model!r} ({str(error).splitlines()[0]}). Give a hub id "
                      f"you can reach, a local directory, or set HF_HUB_OFFLINE=1 to use the local cache.")
         if tokenizer.eos_token_id is None:
-            sys.exit(f"error: the tokenizer of {args.model!r} has no EOS token; pick a model that defines one")
+            tokenizer.add_special_tokens({"eos_token": "<|endoftext|>"})
+            model.resize_token_embeddings(len(tokenizer))
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     return model.to(device).eval(), tokenizer  # eval(): dropout stays off (paper)
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Checkpointing in transformers only runs in train() mode, so the updates switch to train() while
+    it is on; every dropout is zeroed first, so that switch changes nothing else (paper: dropout off)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def encode_prompt(tokenizer, problem: str) -> list[int]:
+    """Token ids of the paper's prompt, with the tokenizer's BOS if it adds one; never an EOS at its end
+    (some tokenizers append one, which would end the response before it starts)."""
+    ids = tokenizer(make_prompt(problem))["input_ids"]
+    while ids and ids[-1] == tokenizer.eos_token_id:
+        ids = ids[:-1]
+    return ids
 
 
 def pick_device(name: str) -> torch.device:
@@ -740,8 +1136,9 @@ def pick_device(name: str) -> torch.device:
 # ============================================================================================
 def supervised_finetune(model, tokenizer, problems: list[dict], args: Args, device) -> float:
     """SFT on the reference solutions (the paper's RL starts from an SFT model): cross-entropy on the
-    response tokens of prompt + "\\n{solution}\\n" + EOS. Returns the last step's loss."""
-    examples = [Episode(i, tokenizer(make_prompt(p["problem"]))["input_ids"],
+    response tokens of prompt + "\\n{solution}\\n" + EOS, averaged over the tokens of a batch of
+    sft_batch_size (computed in micro-batches: memory only). Returns the last step's loss."""
+    examples = [Episode(i, encode_prompt(tokenizer, p["problem"]),
                         tokenizer(make_sft_target(p["solution"]), add_special_tokens=False)["input_ids"]
                         + [tokenizer.eos_token_id], "", 0.0, False)
                 for i, p in enumerate(problems)]
@@ -749,30 +1146,35 @@ def supervised_finetune(model, tokenizer, problems: list[dict], args: Args, devi
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, weight_decay=0.0)
     schedule = warmup_linear_schedule(optimizer, steps, args.warmup_ratio)
     order, loss = [], float("nan")
+    model.train(args.gradient_checkpointing)  # train() only to let checkpointing run; dropout is zeroed
     for _ in tqdm(range(steps), desc="SFT warm-up", leave=False):
         if len(order) < args.sft_batch_size:
             order += random.sample(range(len(examples)), len(examples))
         rows, order = order[:args.sft_batch_size], order[args.sft_batch_size:]
-        mb = slice_batch(collate([examples[i] for i in rows], tokenizer.pad_token_id), torch.arange(len(rows)), device)
-        logp = response_logprobs(model, mb, temperature=1.0)  # [B, T]
-        loss = -(logp.sum() / mb["response_mask"].sum())
-        loss.backward()
+        batch = collate([examples[i] for i in rows], tokenizer.pad_token_id)
+        n_tokens, loss = batch["response_mask"].sum(), 0.0
+        for micro in torch.arange(len(rows)).split(args.micro_batch_size):
+            mb = slice_batch(batch, micro, device)
+            micro_loss = -response_logprobs(model, mb, temperature=1.0).sum() / n_tokens  # token-level mean
+            micro_loss.backward()
+            loss += micro_loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-    return loss.item()
+    model.eval()
+    return loss
 
 
 def evaluate(model, tokenizer, problems: list[dict], args: Args) -> float:
     """pass@1: the mean accuracy of eval_samples samples per held-out problem at the eval temperature."""
-    prompts = [tokenizer(make_prompt(p["problem"]))["input_ids"] for p in problems]
+    prompts = [encode_prompt(tokenizer, p["problem"]) for p in problems]
     prefixes = [ids for ids in prompts for _ in range(args.eval_samples)]
     outputs = sample_continuations(model, prefixes, [args.max_new_tokens] * len(prefixes),
                                    eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
                                    temperature=args.eval_temperature, top_p=args.top_p,
                                    batch_size=args.rollout_batch_size, desc="evaluating")
-    rewards = [grade_gsm8k(decode_response(tokenizer, ids), problems[i // args.eval_samples]["answer"]) if ended else 0.0
+    rewards = [grade(args.task, decode_response(tokenizer, ids), problems[i // args.eval_samples]["answer"]) if ended else 0.0
                for i, (ids, ended) in enumerate(outputs)]
     return sum(rewards) / len(rewards)
 
@@ -788,7 +1190,7 @@ def decode_response(tokenizer, ids: list[int]) -> str:
 def sample_episodes(model, tokenizer, problems: list[dict], indices: list[int], args: Args) -> list[Episode]:
     """Sample samples_per_prompt responses per problem from pi_old and grade them; a response cut by the
     length limit gets reward 0. Then split each into steps and map the steps to tokens."""
-    prompts = {i: tokenizer(make_prompt(problems[i]["problem"]))["input_ids"] for i in indices}
+    prompts = {i: encode_prompt(tokenizer, problems[i]["problem"]) for i in indices}
     owners = [i for i in indices for _ in range(args.samples_per_prompt)]
     outputs = sample_continuations(model, [prompts[i] for i in owners], [args.max_new_tokens] * len(owners),
                                    eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
@@ -798,8 +1200,8 @@ def sample_episodes(model, tokenizer, problems: list[dict], indices: list[int], 
     episodes = []
     for owner, (ids, ended) in zip(owners, outputs):
         text = decode(ids)
-        reward = grade_gsm8k(text, problems[owner]["answer"]) if ended else 0.0
-        steps = split_steps(text)
+        reward = grade(args.task, text, problems[owner]["answer"]) if ended else 0.0
+        steps = split_response(args.task, text)
         starts = step_token_starts(decode, ids, steps)
         assert 0.0 <= reward <= 1.0
         episodes.append(Episode(owner, prompts[owner], ids, text, reward, truncated=not ended, steps=steps, step_starts=starts))
@@ -829,7 +1231,7 @@ def assign_mc_advantages(model, tokenizer, episodes: list[Episode], problems: li
             counts["truncated"] += not ended
             answer, prompt_len = gold_of[prefix]
             # grade prefix + continuation: the answer may straddle the boundary; a cut continuation scores 0
-            rewards.append(grade_gsm8k(decode(list(prefix[prompt_len:]) + ids), answer) if ended else 0.0)
+            rewards.append(grade(args.task, decode(list(prefix[prompt_len:]) + ids), answer) if ended else 0.0)
         return rewards
 
     values, per_state = mc_values(states, args.mc_rollouts, rollout)
@@ -847,6 +1249,8 @@ def assign_mc_advantages(model, tokenizer, episodes: list[Episode], problems: li
 def precompute(policy, reference, value_model, batch: dict, args: Args, device) -> dict:
     """Quantities fixed during the update: log-probs of pi_old and of the reference, and old values."""
     out = {key: torch.zeros_like(batch["response_mask"]) for key in ("logp_old", "logp_ref", "values_old")}
+    if args.offload_reference:
+        reference.to(device)  # lives on the CPU, visits the GPU only here
     for rows in torch.arange(len(batch["input_ids"])).split(args.micro_batch_size):
         mb = slice_batch(batch, rows, device)
         n = mb["response_mask"].shape[1]
@@ -854,6 +1258,10 @@ def precompute(policy, reference, value_model, batch: dict, args: Args, device) 
         out["logp_ref"][rows, -n:] = response_logprobs(reference, mb, args.temperature).cpu()
         if value_model is not None:
             out["values_old"][rows, -n:] = response_values(value_model, mb).cpu()
+    if args.offload_reference:
+        reference.to("cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return out
 
 
@@ -865,6 +1273,9 @@ def ppo_update(policy, value_model, optimizers, schedulers, batch: dict, fixed: 
     totals = {"policy_loss": 0.0, "kl": 0.0, "clipped": 0.0, "approx_kl": 0.0, "tokens": 0.0, "value_loss": 0.0,
               "steps": 0, "skipped": 0}
     n_responses = len(batch["input_ids"])
+    trained = [model for model in (policy, value_model) if model is not None]
+    for model in trained:  # train() only to let checkpointing run; dropout is zeroed
+        model.train(args.gradient_checkpointing)
     for _ in range(args.epochs):
         for minibatch in torch.randperm(n_responses).split(args.minibatch_size):
             whitened = whiten(advantages[minibatch], batch["response_mask"][minibatch])  # [mb, T]
@@ -905,6 +1316,8 @@ def ppo_update(policy, value_model, optimizers, schedulers, batch: dict, fixed: 
             totals["tokens"] += n_tokens
             for key, value in parts.items():
                 totals[key] += value
+    for model in trained:
+        model.eval()
     steps = max(1, totals["steps"])
     out = {"losses/policy_loss": totals["policy_loss"] / steps,
            "losses/kl": totals["kl"] / steps,  # k3 KL to the frozen reference, per response (the loss term)
@@ -924,7 +1337,8 @@ def explained_variance(predicted: torch.Tensor, target: torch.Tensor, mask: torc
 # Main: set up, warm up, then iterate
 # ============================================================================================
 def prepare_output_dir(args: Args) -> None:
-    if os.path.exists(os.path.join(args.output_dir, "metrics.jsonl")) and not args.overwrite:
+    metrics = os.path.join(args.output_dir, "metrics.jsonl")
+    if os.path.exists(metrics) and os.path.getsize(metrics) > 0 and not args.overwrite:  # empty: a failed start
         sys.exit(f"error: {args.output_dir} already holds a run; pass --overwrite or choose another --output-dir")
     try:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -959,20 +1373,24 @@ def main(argv: list[str] | None = None) -> dict:
     random.seed(args.seed)  # seeding in one place
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
+    check_hub_reachable(args)  # seconds, not minutes, when the hub is needed and cannot be reached
     prepare_output_dir(args)
 
-    train, test = make_arith_task(args.seed, args.train_problems, args.test_problems, args.slip_rate)
-    test = test[:args.eval_problems] if args.eval_problems else test
+    train, validation, test = load_task(args)
+    cap = lambda problems: problems[:args.eval_problems] if args.eval_problems else problems  # noqa: E731
+    test, validation = cap(test), (cap(validation) if validation is not test else [])  # [] = no separate one
     policy, tokenizer = load_model_and_tokenizer(args, device)
     n_params = sum(p.numel() for p in policy.parameters())
     print(f"model {args.model} ({n_params / 1e6:.2f}M params) on {device} | task {args.task}: {len(train)} train, "
-          f"{len(test)} test problems | critic {args.critic} | output {args.output_dir}")
+          f"{len(validation)} validation, {len(test)} test problems | critic {args.critic} | output {args.output_dir}")
 
     if args.sft_epochs > 0:
         start = time.time()
         loss = supervised_finetune(policy, tokenizer, train, args, device)
         print(f"SFT warm-up: {args.sft_epochs:g} epochs, final loss {loss:.3f}, {time.time() - start:.0f}s")
     reference = copy.deepcopy(policy).eval().requires_grad_(False)  # frozen SFT model: the KL reference
+    if args.offload_reference:
+        reference.to("cpu")
     value_model = ValueNetwork.from_policy(policy).eval() if args.critic == "value" else None  # a copy of the start model
 
     steps_per_iteration = math.ceil(args.prompts_per_iteration * args.samples_per_prompt / args.minibatch_size)
@@ -986,7 +1404,10 @@ def main(argv: list[str] | None = None) -> dict:
     before = evaluate(policy, tokenizer, test, args)
     print(f"pass@1 before RL: {before:.3f} ({len(test)} held-out problems x {args.eval_samples} samples, "
           f"T={args.eval_temperature}, {time.time() - start:.0f}s)")
-    log_metrics(args, {"iteration": 0, "eval/pass@1": before, "time/eval_s": time.time() - start})
+    record = {"iteration": 0, "eval/pass@1": before, "time/eval_s": time.time() - start}
+    if validation:  # the held-out part of train, evaluated alongside (for choosing a checkpoint)
+        record["eval/val_pass@1"] = evaluate(policy, tokenizer, validation, args)
+    log_metrics(args, record)
     sampler = random.Random(args.seed + 1)
     history, run_start, after = [], time.time(), before
 
@@ -1026,6 +1447,8 @@ def main(argv: list[str] | None = None) -> dict:
         if iteration % args.eval_every == 0 or iteration == args.iterations:
             start = time.time()
             record["eval/pass@1"] = after = evaluate(policy, tokenizer, test, args)
+            if validation:
+                record["eval/val_pass@1"] = evaluate(policy, tokenizer, validation, args)
             record["time/eval_s"] = time.time() - start
         record["time/elapsed_s"] = time.time() - run_start
         log_metrics(args, record)
