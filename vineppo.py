@@ -416,10 +416,10 @@ def last_boxed(text: str) -> str | None:
     if rest.startswith(" "):  # "\boxed 5$": up to the next $ or the end
         return rest.strip().split("$")[0].strip() or None
     depth = 0
-    for i, char in enumerate(rest):
+    for i, char in enumerate(rest if rest.startswith("{") else ""):
         depth += {"{": 1, "}": -1}.get(char, 0)
         if depth == 0:
-            return rest[1:i] if i > 0 else None
+            return rest[1:i] or None
     return None
 
 
@@ -1094,9 +1094,10 @@ def load_model_and_tokenizer(args: Args, device):
                      f"you can reach, a local directory, or set HF_HUB_OFFLINE=1 to use the local cache.")
         if tokenizer.eos_token_id is None:
             tokenizer.add_special_tokens({"eos_token": "<|endoftext|>"})
-            model.resize_token_embeddings(len(tokenizer))
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # an added token needs a row
+            model.resize_token_embeddings(len(tokenizer))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
