@@ -263,12 +263,12 @@ def data_files(tmp_path_factory):
 
 TINY_FLAGS = ["--iterations", "2", "--prompts-per-iteration", "2", "--samples-per-prompt", "4", "--minibatch-size", "8",
               "--micro-batch-size", "4", "--sft-epochs", "0.2", "--sft-batch-size", "8", "--sft-lr", "1e-3",
-              "--eval-samples", "1", "--eval-problems", "2", "--mc-rollouts", "2", "--max-new-tokens", "16",
+              "--eval-samples", "1", "--eval-problems", "2", "--mc-rollouts", "2", "--max-new-tokens", "24",
               "--eval-every", "1", "--lr", "1e-3", "--validation-size", "4", "--device", "cpu", "--offload-reference",
               "--gradient-checkpointing"]
 
 
-def run_local(monkeypatch, out, model_dir, task, dataset, critic):
+def run_local(monkeypatch, out, model_dir, task, dataset, critic, extra=()):
     """Two iterations through `main`, graded by a parity spy on the task's grader (a random model never
     answers right, and every advantage would be 0); records which grader and splitter ran."""
     calls = {"grade_gsm8k": 0, "grade_math": 0, "split_steps": 0, "split_math_steps": 0}
@@ -282,9 +282,15 @@ def run_local(monkeypatch, out, model_dir, task, dataset, critic):
         monkeypatch.setattr(vineppo, name, wrapped)
     for name in calls:
         spy(name, parity=name.startswith("grade"))
+    real_sampler = vineppo.sample_continuations
+
+    def always_ends(model, prefixes, budgets, *, eos_id, **kw):  # a random model almost never ends, and a
+        out = real_sampler(model, prefixes, budgets, eos_id=eos_id, **kw)  # cut response is never graded:
+        return [(ids if ended else ids[:-1] + [eos_id], True) for ids, ended in out]  # its last token -> EOS
+    monkeypatch.setattr(vineppo, "sample_continuations", always_ends)
     monkeypatch.setattr("urllib.request.urlopen", lambda *a, **k: pytest.fail("a local run must not touch the network"))
     result = vineppo.main(["--model", model_dir, "--task", task, "--dataset-path", dataset, "--critic", critic,
-                           "--output-dir", str(out)] + TINY_FLAGS)
+                           "--output-dir", str(out)] + TINY_FLAGS + list(extra))
     return result, calls
 
 
@@ -312,7 +318,9 @@ def test_local_jsonl_with_the_real_qwen_tokenizer(monkeypatch, tmp_path, tmp_pat
     from transformers import AutoTokenizer
     model_dir = saved_model_dir(tmp_path_factory, "qwen-model", AutoTokenizer.from_pretrained(QWEN_DIR))
     for task, critic in [("math", "mc"), ("gsm8k", "value")]:
-        _, calls = run_local(monkeypatch, tmp_path / f"{task}-{critic}", model_dir, task, data_files[task], critic)
+        # top-p 1, one iteration, no validation: sampling over 151k logits dominates this test on a CPU
+        _, calls = run_local(monkeypatch, tmp_path / f"{task}-{critic}", model_dir, task, data_files[task], critic,
+                             extra=["--top-p", "1.0", "--iterations", "1", "--validation-size", "0"])
         assert calls[f"grade_{task}"] > 0
 
 
