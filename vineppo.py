@@ -865,8 +865,9 @@ def ppo_update(policy, value_model, optimizers, schedulers, batch: dict, fixed: 
     totals = {"policy_loss": 0.0, "kl": 0.0, "clipped": 0.0, "approx_kl": 0.0, "tokens": 0.0, "value_loss": 0.0,
               "steps": 0, "skipped": 0}
     n_responses = len(batch["input_ids"])
-    for _ in range(args.epochs):
-        for minibatch in torch.randperm(n_responses).split(args.minibatch_size):
+    for epoch in range(args.epochs):
+        minibatches = torch.randperm(n_responses).split(args.minibatch_size)
+        for minibatch in tqdm(minibatches, desc=f"PPO update, epoch {epoch + 1}", leave=False):
             whitened = whiten(advantages[minibatch], batch["response_mask"][minibatch])  # [mb, T]
             n_tokens = batch["response_mask"][minibatch].sum().item()
             ratio_sum, parts = 0.0, {"policy_loss": 0.0, "kl": 0.0, "clipped": 0.0, "approx_kl": 0.0, "value_loss": 0.0}
