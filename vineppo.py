@@ -404,8 +404,10 @@ class Episode:
     text: str  # decoded response without EOS
     reward: float
     truncated: bool  # hit max_new_tokens without EOS (reward 0)
-    steps: list[str] = field(default_factory=list)  # the text split (a step that owns no token is
-    step_starts: list[int] = field(default_factory=list)  # merged into the next here): token where each begins
+    steps: list[str] = field(default_factory=list)  # the response text split into steps
+    # token position where each step begins; a step that owns no token is merged into the next, so this
+    # list can be shorter than `steps`
+    step_starts: list[int] = field(default_factory=list)
     step_values: list[float] = field(default_factory=list)  # V(s_i), Monte Carlo critic only
     token_advantages: list[float] = field(default_factory=list)  # one per response token
 
