@@ -774,7 +774,7 @@ def evaluate(model, tokenizer, problems: list[dict], args: Args) -> float:
                                    eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
                                    temperature=args.eval_temperature, top_p=args.top_p,
                                    batch_size=args.rollout_batch_size, desc="evaluating")
-    rewards = [grade_gsm8k(decode_response(tokenizer, ids), problems[i // args.eval_samples]["answer"]) if ended else 0.0
+    rewards = [reward_of(decode_response(tokenizer, ids), ended, problems[i // args.eval_samples]["answer"])
                for i, (ids, ended) in enumerate(outputs)]
     return sum(rewards) / len(rewards)
 
@@ -782,6 +782,11 @@ def evaluate(model, tokenizer, problems: list[dict], args: Args) -> float:
 def decode_response(tokenizer, ids: list[int]) -> str:
     """Response text; special tokens (EOS, pad) dropped, nothing else changed."""
     return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def reward_of(text: str, ended: bool, answer: str) -> float:
+    """R = 1 if the final answer is right, else 0; a response cut by the length limit (no EOS) gets 0."""
+    return grade_gsm8k(text, answer) if ended else 0.0
 
 
 # ============================================================================================
@@ -800,7 +805,7 @@ def sample_episodes(model, tokenizer, problems: list[dict], indices: list[int], 
     episodes = []
     for owner, (ids, ended) in zip(owners, outputs):
         text = decode(ids)
-        reward = grade_gsm8k(text, problems[owner]["answer"]) if ended else 0.0
+        reward = reward_of(text, ended, problems[owner]["answer"])
         steps = split_steps(text)
         starts = step_token_starts(decode, ids, steps)
         assert 0.0 <= reward <= 1.0
@@ -831,7 +836,7 @@ def assign_mc_advantages(model, tokenizer, episodes: list[Episode], problems: li
             counts["truncated"] += not ended
             answer, prompt_len = gold_of[prefix]
             # grade prefix + continuation: the answer may straddle the boundary; a cut continuation scores 0
-            rewards.append(grade_gsm8k(decode(list(prefix[prompt_len:]) + ids), answer) if ended else 0.0)
+            rewards.append(reward_of(decode(list(prefix[prompt_len:]) + ids), ended, answer))
         return rewards
 
     values, per_state = mc_values(states, args.mc_rollouts, rollout)
