@@ -733,8 +733,10 @@ class Episode:
     text: str  # decoded response without EOS
     reward: float
     truncated: bool  # hit max_new_tokens without EOS (reward 0)
-    steps: list[str] = field(default_factory=list)  # the text split (a step that owns no token is
-    step_starts: list[int] = field(default_factory=list)  # merged into the next here): token where each begins
+    steps: list[str] = field(default_factory=list)  # the response text split into steps
+    # token position where each step begins; a step that owns no token is merged into the next, so this
+    # list can be shorter than `steps`
+    step_starts: list[int] = field(default_factory=list)
     step_values: list[float] = field(default_factory=list)  # V(s_i), Monte Carlo critic only
     token_advantages: list[float] = field(default_factory=list)  # one per response token
 
@@ -1178,7 +1180,7 @@ def evaluate(model, tokenizer, problems: list[dict], args: Args) -> float:
                                    eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
                                    temperature=args.eval_temperature, top_p=args.top_p,
                                    batch_size=args.rollout_batch_size, desc="evaluating")
-    rewards = [grade(args.task, decode_response(tokenizer, ids), problems[i // args.eval_samples]["answer"]) if ended else 0.0
+    rewards = [reward_of(args.task, decode_response(tokenizer, ids), ended, problems[i // args.eval_samples]["answer"])
                for i, (ids, ended) in enumerate(outputs)]
     return sum(rewards) / len(rewards)
 
@@ -1186,6 +1188,11 @@ def evaluate(model, tokenizer, problems: list[dict], args: Args) -> float:
 def decode_response(tokenizer, ids: list[int]) -> str:
     """Response text; special tokens (EOS, pad) dropped, nothing else changed."""
     return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def reward_of(task: str, text: str, ended: bool, answer: str) -> float:
+    """R = 1 if the final answer is right, else 0; a response cut by the length limit (no EOS) gets 0."""
+    return grade(task, text, answer) if ended else 0.0
 
 
 # ============================================================================================
@@ -1204,7 +1211,7 @@ def sample_episodes(model, tokenizer, problems: list[dict], indices: list[int], 
     episodes = []
     for owner, (ids, ended) in zip(owners, outputs):
         text = decode(ids)
-        reward = grade(args.task, text, problems[owner]["answer"]) if ended else 0.0
+        reward = reward_of(args.task, text, ended, problems[owner]["answer"])
         steps = split_response(args.task, text)
         starts = step_token_starts(decode, ids, steps)
         assert 0.0 <= reward <= 1.0
@@ -1235,7 +1242,7 @@ def assign_mc_advantages(model, tokenizer, episodes: list[Episode], problems: li
             counts["truncated"] += not ended
             answer, prompt_len = gold_of[prefix]
             # grade prefix + continuation: the answer may straddle the boundary; a cut continuation scores 0
-            rewards.append(grade(args.task, decode(list(prefix[prompt_len:]) + ids), answer) if ended else 0.0)
+            rewards.append(reward_of(args.task, decode(list(prefix[prompt_len:]) + ids), ended, answer))
         return rewards
 
     values, per_state = mc_values(states, args.mc_rollouts, rollout)
@@ -1280,8 +1287,9 @@ def ppo_update(policy, value_model, optimizers, schedulers, batch: dict, fixed: 
     trained = [model for model in (policy, value_model) if model is not None]
     for model in trained:  # train() only to let checkpointing run; dropout is zeroed
         model.train(args.gradient_checkpointing)
-    for _ in range(args.epochs):
-        for minibatch in torch.randperm(n_responses).split(args.minibatch_size):
+    for epoch in range(args.epochs):
+        minibatches = torch.randperm(n_responses).split(args.minibatch_size)
+        for minibatch in tqdm(minibatches, desc=f"PPO update, epoch {epoch + 1}", leave=False):
             whitened = whiten(advantages[minibatch], batch["response_mask"][minibatch])  # [mb, T]
             n_tokens = batch["response_mask"][minibatch].sum().item()
             ratio_sum, parts = 0.0, {"policy_loss": 0.0, "kl": 0.0, "clipped": 0.0, "approx_kl": 0.0, "value_loss": 0.0}
