@@ -30,6 +30,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
 import time
 import zlib
@@ -66,6 +67,12 @@ class Args:
     """where metrics.jsonl and the final checkpoint go (default: runs/<task>-<critic>-seed<seed>)"""
     overwrite: bool = False
     """allow writing into an output directory that already holds a run"""
+    save_every: int = 10
+    """write <output-dir>/checkpoint.pt every this many iterations, after the pre-RL evaluation and at the end"""
+    resume: str = ""
+    """continue a stopped run: `--resume` alone reads <output-dir>/checkpoint.pt, `--resume FILE` that file"""
+    max_nonfinite_steps: int = 3
+    """stop the run when this many optimizer steps in a row had a non-finite loss or gradient"""
     device: str = "auto"
     """'auto' (cuda, then mps, then cpu), 'cpu', 'cuda' or 'mps'"""
 
@@ -184,6 +191,8 @@ def parse_args(argv: list[str] | None = None) -> Args:
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
             parser.add_argument(flag, action="store_true", help=docs[f.name])
+        elif f.name == "resume":  # the one flag with an optional value
+            parser.add_argument(flag, nargs="?", const="latest", metavar="FILE", help=docs[f.name])
         else:
             kind = {"int": int, "float": float, "str": str}[f.type]
             parser.add_argument(flag, type=kind, metavar=f.name.upper(), help=f"{docs[f.name]} (default: {f.default!r})")
@@ -196,8 +205,35 @@ def parse_args(argv: list[str] | None = None) -> Args:
         args.task = "arith" if args.model == "tiny" else "gsm8k"
     if not args.output_dir:
         args.output_dir = os.path.join("runs", f"{args.task}-{args.critic}-seed{args.seed}")
+    if args.resume:
+        args = resumed_args(args, given)
     check_args(args)
     return args
+
+
+RESUME_MAY_CHANGE = ("resume", "output_dir", "iterations", "save_every", "eval_every", "device", "max_nonfinite_steps")
+
+
+def resumed_args(args: Args, given: dict) -> Args:
+    """A resumed run keeps the settings it was started with; only RESUME_MAY_CHANGE may be given again
+    (raising --iterations stretches the learning-rate decay over the longer run)."""
+    path = os.path.join(args.output_dir, "checkpoint.pt") if args.resume == "latest" else args.resume
+    if os.path.isdir(path):
+        path = os.path.join(path, "checkpoint.pt")
+    if not os.path.isfile(path):
+        sys.exit(f"error: no checkpoint at {path}; give --output-dir of the run to resume or --resume FILE")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["args"]
+    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        sys.exit(f"error: cannot read the checkpoint {path} ({type(error).__name__}); resume from another one")
+    changed = [name for name, value in given.items() if name not in RESUME_MAY_CHANGE and value != saved.get(name)]
+    if changed:
+        sys.exit(f"error: a resumed run keeps its settings; drop {', '.join('--' + n.replace('_', '-') for n in changed)} "
+                 f"(only {', '.join('--' + n.replace('_', '-') for n in RESUME_MAY_CHANGE[2:])} may change)")
+    resumed = Args(**{**saved, **{name: given[name] for name in RESUME_MAY_CHANGE if name in given}})
+    resumed.resume = path
+    resumed.output_dir = given.get("output_dir", os.path.dirname(path) or ".")
+    return resumed
 
 
 def check_args(args: Args) -> None:
@@ -207,13 +243,16 @@ def check_args(args: Args) -> None:
         problems.append(f"--critic must be 'mc' or 'value', got {args.critic!r}")
     if args.task not in ("arith", "gsm8k", "math"):
         problems.append(f"unknown --task {args.task!r}: use arith (built-in), gsm8k or math")
+    if args.model.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(args.model)):
+        problems.append(f"--model {args.model}: no such directory (give a local checkpoint directory or a hub id)")
     if args.task == "arith" and args.dataset_path:
         problems.append("--dataset-path needs --task gsm8k or --task math (the arith task is generated)")
     if args.validation_size < -1:
         problems.append(f"--validation-size must be -1 (paper default) or at least 0, got {args.validation_size}")
     for name in ("mc_rollouts", "iterations", "prompts_per_iteration", "samples_per_prompt", "max_new_tokens",
                  "max_states_per_response", "rollout_batch_size", "epochs", "minibatch_size", "micro_batch_size",
-                 "sft_batch_size", "eval_every", "eval_samples", "train_problems", "test_problems"):
+                 "sft_batch_size", "eval_every", "eval_samples", "train_problems", "test_problems",
+                 "max_nonfinite_steps"):
         if getattr(args, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     for name in ("lr", "temperature", "eval_temperature"):
@@ -221,8 +260,8 @@ def check_args(args: Args) -> None:
             problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if not 0 < args.top_p <= 1:
         problems.append(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.sft_epochs < 0 or args.kl_coef < 0 or args.eval_problems < 0:
-        problems.append("--sft-epochs, --kl-coef and --eval-problems cannot be negative")
+    if args.sft_epochs < 0 or args.kl_coef < 0 or args.eval_problems < 0 or args.save_every < 0:
+        problems.append("--sft-epochs, --kl-coef, --eval-problems and --save-every cannot be negative")
     if args.minibatch_size > args.prompts_per_iteration * args.samples_per_prompt:
         problems.append(f"--minibatch-size {args.minibatch_size} is larger than the batch of "
                         f"{args.prompts_per_iteration * args.samples_per_prompt} responses per iteration")
@@ -349,30 +388,48 @@ def to_problem(task: str, row: dict) -> dict:
     """One dataset row in the hub's fields -> {problem, solution, answer}. GSM8K rows: question, answer
     (worked solution ending '#### N'); the <<48/2=24>> calculator annotations are removed from the SFT
     target (paper). MATH rows: problem, solution, optional answer (else the solution's last \\boxed{})."""
+    text = lambda field: str(row[field]) if row[field] is not None else ""  # noqa: E731 - a null field is empty
     if task == "gsm8k":
-        solution = re.sub(r"<<[^<>]*>>", "", row["answer"])
-        return {"problem": row["question"], "solution": solution, "answer": extract_gsm8k_answer(solution)}
-    return {"problem": row["problem"], "solution": row["solution"],
-            "answer": row.get("answer") or last_boxed(row["solution"])}
+        solution = re.sub(r"<<[^<>]*>>", "", text("answer"))
+        return {"problem": text("question"), "solution": solution, "answer": extract_gsm8k_answer(solution)}
+    return {"problem": text("problem"), "solution": text("solution"),
+            "answer": (text("answer") if "answer" in row else "") or last_boxed(text("solution"))}
 
 
 def load_problems(task: str, sources: list[dict]) -> list[dict]:
-    """Hub sets and local JSONL files take the same path: `load_dataset`, then `to_problem`."""
+    """Hub sets and local JSONL files take the same path: `load_dataset`, then `to_problem`. Rows without
+    a gold answer are skipped (and counted): a reference without a final answer cannot grade anything."""
     from datasets import load_dataset
+    fields_needed = "question, answer" if task == "gsm8k" else "problem, solution"
     problems = []
     for source in sources:
-        name = source.get("data_files") or source["path"]
+        local = source.get("data_files")
+        if local and not os.path.isfile(local):
+            sys.exit(f"error: --dataset-path {local}: no such file")
+        if local and os.path.getsize(local) == 0:
+            sys.exit(f"error: --dataset-path {local} is empty; it needs one JSON object per line with {fields_needed}")
         try:
             rows = load_dataset(**source)
-        except (OSError, ValueError) as error:
-            sys.exit(f"error: could not load {name} ({str(error).splitlines()[0][:200]}); give a local copy with "
-                     f"--dataset-path train.jsonl,test.jsonl or set HF_HUB_OFFLINE=1 with the dataset in your hub cache")
+        except Exception as error:  # noqa: BLE001 - datasets raises many kinds; each gets one line
+            reason = (str(error).splitlines() or [type(error).__name__])[0][:200]
+            if local:
+                sys.exit(f"error: could not read {local} as JSON lines ({reason}); write one JSON object per line "
+                         f"with the fields {fields_needed}")
+            sys.exit(f"error: could not load {source['path']} ({reason}); give a local copy with --dataset-path "
+                     f"train.jsonl,test.jsonl or set HF_HUB_OFFLINE=1 with the dataset in your hub cache")
         try:
-            problems += [to_problem(task, row) for row in rows]
+            loaded = [to_problem(task, row) for row in rows]
         except KeyError as missing:
-            sys.exit(f"error: rows of {name} lack the field {missing}; --task {task} needs "
-                     + ("question, answer" if task == "gsm8k" else "problem, solution"))
-    return [p for p in problems if p["answer"]]  # a reference without a final answer cannot grade anything
+            sys.exit(f"error: rows of {local or source['path']} lack the field {missing}; --task {task} needs {fields_needed}")
+        graded = [p for p in loaded if p["answer"] and p["problem"]]
+        if len(graded) < len(loaded):
+            print(f"skipped {len(loaded) - len(graded)} of {len(loaded)} rows of {local or source['path']} "
+                  f"without a problem or a gold final answer")
+        if not graded:
+            sys.exit(f"error: {local or source['path']} has no row with a problem and a gold final answer; "
+                     f"--task {task} needs {fields_needed}")
+        problems += graded
+    return problems
 
 
 def load_task(args: Args) -> tuple[list[dict], list[dict], list[dict]]:
@@ -676,6 +733,7 @@ def split_math_steps(text: str, min_chars: int = 20, max_chars: int = 100) -> li
     for piece in merged:
         steps += bisect_long(piece, offset)
         offset += len(piece)
+    steps = steps or [text]  # an empty response is one (empty) step, as in split_steps
     assert "".join(steps) == text, "steps must re-join to the response"
     return steps
 
@@ -1091,7 +1149,7 @@ def load_model_and_tokenizer(args: Args, device):
         try:
             tokenizer = AutoTokenizer.from_pretrained(args.model, padding_side="left")
             model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)  # fp32 master weights
-        except OSError as error:
+        except (OSError, ValueError) as error:
             sys.exit(f"error: could not load --model {args.model!r} ({str(error).splitlines()[0]}). Give a hub id "
                      f"you can reach, a local directory, or set HF_HUB_OFFLINE=1 to use the local cache.")
         if tokenizer.eos_token_id is None:
@@ -1127,6 +1185,15 @@ def encode_prompt(tokenizer, problem: str) -> list[int]:
     while ids and ids[-1] == tokenizer.eos_token_id:
         ids = ids[:-1]
     return ids
+
+
+def check_prompt_lengths(model, tokenizer, problems: list[dict], args: Args) -> None:
+    """A prompt plus max_new_tokens must fit in the model's context; say so before any work is done."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    longest = max(len(encode_prompt(tokenizer, p["problem"])) for p in problems)
+    if context and longest + args.max_new_tokens > context:
+        sys.exit(f"error: the longest prompt has {longest} tokens, and with --max-new-tokens {args.max_new_tokens} "
+                 f"it exceeds the model's context of {context} tokens; lower --max-new-tokens or drop the long problems")
 
 
 def pick_device(name: str) -> torch.device:
@@ -1282,8 +1349,8 @@ def ppo_update(policy, value_model, optimizers, schedulers, batch: dict, fixed: 
     responses, token advantages whitened per minibatch, clipped surrogate averaged over tokens, plus beta
     times the k3 KL to the reference summed per response and averaged over responses."""
     totals = {"policy_loss": 0.0, "kl": 0.0, "clipped": 0.0, "approx_kl": 0.0, "tokens": 0.0, "value_loss": 0.0,
-              "steps": 0, "skipped": 0}
-    n_responses = len(batch["input_ids"])
+              "steps": 0, "skipped": 0, "nonfinite": 0}
+    n_responses, nonfinite_in_a_row = len(batch["input_ids"]), 0
     trained = [model for model in (policy, value_model) if model is not None]
     for model in trained:  # train() only to let checkpointing run; dropout is zeroed
         model.train(args.gradient_checkpointing)
@@ -1316,25 +1383,31 @@ def ppo_update(policy, value_model, optimizers, schedulers, batch: dict, fixed: 
                     v_loss.backward()
                     parts["value_loss"] += v_loss.item()
             skip = ratio_sum / n_tokens > 10.0  # a minibatch whose mean ratio exceeds 10 is skipped (paper)
+            grad_norms = [torch.nn.utils.clip_grad_norm_([p for g in o.param_groups for p in g["params"]],
+                                                         args.max_grad_norm) for o in optimizers]
+            finite = all(map(math.isfinite, parts.values())) and all(map(math.isfinite, grad_norms))
             for optimizer, scheduler in zip(optimizers, schedulers):
-                if not skip:
-                    params = [p for group in optimizer.param_groups for p in group["params"]]
-                    torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                if finite and not skip:  # a non-finite loss or gradient never reaches the optimizer
                     optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            totals["skipped"] += skip
-            totals["steps"] += 1
-            totals["tokens"] += n_tokens
+            nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
+            if nonfinite_in_a_row >= args.max_nonfinite_steps:
+                raise FloatingPointError(f"{nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or gradient")
+            totals["nonfinite"] += not finite
+            totals["skipped"] += skip and finite
+            totals["steps"] += finite
+            totals["tokens"] += n_tokens if finite else 0
             for key, value in parts.items():
-                totals[key] += value
+                totals[key] += value if finite else 0.0
     for model in trained:
         model.eval()
     steps = max(1, totals["steps"])
     out = {"losses/policy_loss": totals["policy_loss"] / steps,
            "losses/kl": totals["kl"] / steps,  # k3 KL to the frozen reference, per response (the loss term)
            "losses/approx_kl": totals["approx_kl"] / max(1.0, totals["tokens"]),  # pi_old -> pi, per token
-           "losses/clipfrac": totals["clipped"] / max(1.0, totals["tokens"]), "losses/skipped_minibatches": totals["skipped"]}
+           "losses/clipfrac": totals["clipped"] / max(1.0, totals["tokens"]), "losses/skipped_minibatches": totals["skipped"],
+           "losses/nonfinite_steps": totals["nonfinite"]}  # skipped: a non-finite loss or gradient
     if value_model is not None:
         out["losses/value_loss"] = totals["value_loss"] / steps
     return out
@@ -1348,16 +1421,99 @@ def explained_variance(predicted: torch.Tensor, target: torch.Tensor, mask: torc
 # ============================================================================================
 # Main: set up, warm up, then iterate
 # ============================================================================================
-def prepare_output_dir(args: Args) -> None:
-    metrics = os.path.join(args.output_dir, "metrics.jsonl")
-    if os.path.exists(metrics) and os.path.getsize(metrics) > 0 and not args.overwrite:  # empty: a failed start
-        sys.exit(f"error: {args.output_dir} already holds a run; pass --overwrite or choose another --output-dir")
-    try:
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "metrics.jsonl"), "w"):
-            pass
-    except OSError as error:
-        sys.exit(f"error: cannot write to --output-dir {args.output_dir!r} ({error.strerror}); choose another")
+def check_output_dir(args: Args) -> None:
+    """Before anything is loaded: refuse a directory that holds a run (unless --overwrite or --resume) or
+    that cannot be written. Nothing is created yet, so a run that fails while loading leaves nothing."""
+    held = [name for name in ("metrics.jsonl", "checkpoint.pt", "final") if os.path.exists(os.path.join(args.output_dir, name))]
+    if held and not (args.overwrite or args.resume):
+        sys.exit(f"error: {args.output_dir} already holds a run ({', '.join(held)}); continue it with --resume, "
+                 f"replace it with --overwrite, or choose another --output-dir")
+    existing = os.path.abspath(args.output_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        sys.exit(f"error: cannot write to --output-dir {args.output_dir!r} ({existing} is not a writable directory); "
+                 f"choose another")
+
+
+def write_atomically(path: str, write) -> None:
+    """write(temporary_path), then rename over path: a crash mid-write never leaves a half-written file."""
+    temporary = path + ".tmp"
+    write(temporary)
+    os.replace(temporary, path)
+
+
+def rng_states() -> dict:
+    states = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    if "numpy" in sys.modules:
+        states["numpy"] = sys.modules["numpy"].random.get_state()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    if "numpy" in states:
+        import numpy
+        numpy.random.set_state(states["numpy"])
+
+
+def all_finite(*models) -> bool:
+    return all(bool(torch.isfinite(p).all()) for model in models if model is not None for p in model.parameters())
+
+
+def save_checkpoint(args: Args, iteration: int, policy, reference, value_model, optimizers, schedulers,
+                    sampler: random.Random, history: list[dict]) -> str:
+    """Everything needed to continue the run exactly (nanoGPT's resume): weights, optimizer and schedule
+    states, every random state, the settings and the metrics so far. Written atomically; never with NaNs."""
+    if not all_finite(policy, value_model):
+        raise FloatingPointError("non-finite weights: refusing to overwrite the last good checkpoint")
+    state = {"iteration": iteration, "args": asdict(args), "policy": policy.state_dict(),
+             "reference": reference.state_dict(), "value": value_model.state_dict() if value_model else None,
+             "optimizers": [o.state_dict() for o in optimizers], "schedulers": [s.state_dict() for s in schedulers],
+             "rng": rng_states(), "sampler": sampler.getstate(), "history": history}
+    path = os.path.join(args.output_dir, "checkpoint.pt")
+    write_atomically(path, lambda temporary: torch.save(state, temporary))
+    return path
+
+
+def restore_checkpoint(checkpoint: dict, policy, reference, value_model, optimizers, schedulers,
+                       sampler: random.Random) -> None:
+    policy.load_state_dict(checkpoint["policy"])
+    reference.load_state_dict(checkpoint["reference"])
+    if value_model is not None:
+        value_model.load_state_dict(checkpoint["value"])
+    for optimizer, state in zip(optimizers, checkpoint["optimizers"]):
+        optimizer.load_state_dict(state)
+    for scheduler, state in zip(schedulers, checkpoint["schedulers"]):
+        scheduler.load_state_dict(state)
+    sampler.setstate(checkpoint["sampler"])
+    set_rng_states(checkpoint["rng"])  # last: building the models above drew random numbers
+
+
+class StopSignals:
+    """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current iteration and save a checkpoint;
+    a second one exits at once (the last checkpoint stays intact: checkpoints are written atomically)."""
+
+    def __init__(self):
+        self.received = None
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        if self.received is not None:
+            print(f"\n{signal.Signals(signum).name} again: exiting now", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.received = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this iteration, then saving a checkpoint "
+              f"(press Ctrl-C again to quit at once)", file=sys.stderr, flush=True)
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def save_final(policy, tokenizer, value_model, args: Args) -> str:
@@ -1380,13 +1536,22 @@ def log_metrics(args: Args, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def rewrite_metrics(args: Args, history: list[dict]) -> None:
+    """metrics.jsonl holds exactly the records of `history` (a resumed run drops what came after its checkpoint)."""
+    def write(temporary):
+        with open(temporary, "w") as f:
+            f.writelines(json.dumps(record) + "\n" for record in history)
+    write_atomically(os.path.join(args.output_dir, "metrics.jsonl"), write)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     random.seed(args.seed)  # seeding in one place
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
     check_hub_reachable(args)  # seconds, not minutes, when the hub is needed and cannot be reached
-    prepare_output_dir(args)
+    check_output_dir(args)
+    checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False) if args.resume else None
 
     train, validation, test = load_task(args)
     cap = lambda problems: problems[:args.eval_problems] if args.eval_problems else problems  # noqa: E731
@@ -1395,10 +1560,15 @@ def main(argv: list[str] | None = None) -> dict:
     n_params = sum(p.numel() for p in policy.parameters())
     print(f"model {args.model} ({n_params / 1e6:.2f}M params) on {device} | task {args.task}: {len(train)} train, "
           f"{len(validation)} validation, {len(test)} test problems | critic {args.critic} | output {args.output_dir}")
+    check_prompt_lengths(policy, tokenizer, train + validation + test, args)
+    os.makedirs(args.output_dir, exist_ok=True)  # the first write: every check above has passed
 
-    if args.sft_epochs > 0:
+    if args.sft_epochs > 0 and checkpoint is None:
         start = time.time()
-        loss = supervised_finetune(policy, tokenizer, train, args, device)
+        try:
+            loss = supervised_finetune(policy, tokenizer, train, args, device)
+        except KeyboardInterrupt:
+            sys.exit("interrupted during the SFT warm-up, before the first checkpoint: nothing was saved")
         print(f"SFT warm-up: {args.sft_epochs:g} epochs, final loss {loss:.3f}, {time.time() - start:.0f}s")
     reference = copy.deepcopy(policy).eval().requires_grad_(False)  # frozen SFT model: the KL reference
     if args.offload_reference:
@@ -1412,71 +1582,101 @@ def main(argv: list[str] | None = None) -> dict:
         optimizers.append(torch.optim.AdamW(value_model.parameters(), lr=args.lr, weight_decay=0.0))
     schedulers = [warmup_linear_schedule(o, total_steps, args.warmup_ratio) for o in optimizers]
 
-    start = time.time()
-    before = evaluate(policy, tokenizer, test, args)
-    print(f"pass@1 before RL: {before:.3f} ({len(test)} held-out problems x {args.eval_samples} samples, "
-          f"T={args.eval_temperature}, {time.time() - start:.0f}s)")
-    record = {"iteration": 0, "eval/pass@1": before, "time/eval_s": time.time() - start}
-    if validation:  # the held-out part of train, evaluated alongside (for choosing a checkpoint)
-        record["eval/val_pass@1"] = evaluate(policy, tokenizer, validation, args)
-    log_metrics(args, record)
-    sampler = random.Random(args.seed + 1)
-    history, run_start, after = [], time.time(), before
-
-    for iteration in tqdm(range(1, args.iterations + 1), desc="RL iterations"):
-        record = {"iteration": iteration}
-        # 1. sample responses from pi_old and grade them
+    if checkpoint is None:
         start = time.time()
-        indices = sampler.sample(range(len(train)), args.prompts_per_iteration)  # distinct problems
-        episodes = sample_episodes(policy, tokenizer, train, indices, args)
-        record["time/rollout_s"] = time.time() - start
-        record["tokens/rollout"] = sum(len(e.response_ids) for e in episodes)
-        record["train/reward_mean"] = sum(e.reward for e in episodes) / len(episodes)
-        record["train/truncated_frac"] = sum(e.truncated for e in episodes) / len(episodes)
-        record["train/steps_mean"] = sum(len(e.step_starts) for e in episodes) / len(episodes)
+        before = evaluate(policy, tokenizer, test, args)
+        print(f"pass@1 before RL: {before:.3f} ({len(test)} held-out problems x {args.eval_samples} samples, "
+              f"T={args.eval_temperature}, {time.time() - start:.0f}s)")
+        record = {"iteration": 0, "eval/pass@1": before, "time/eval_s": time.time() - start}
+        if validation:  # the held-out part of train, evaluated alongside (for choosing a checkpoint)
+            record["eval/val_pass@1"] = evaluate(policy, tokenizer, validation, args)
+        sampler = random.Random(args.seed + 1)
+        history, saved_at = [record], 0
+        rewrite_metrics(args, history)
+        save_checkpoint(args, 0, policy, reference, value_model, optimizers, schedulers, sampler, history)
+    else:
+        sampler = random.Random()
+        restore_checkpoint(checkpoint, policy, reference, value_model, optimizers, schedulers, sampler)
+        history, saved_at = checkpoint["history"], checkpoint["iteration"]
+        rewrite_metrics(args, history)  # drop records written after the checkpoint
+        print(f"resumed {args.resume} after iteration {saved_at}")
+    before = history[0]["eval/pass@1"]
+    after = [r["eval/pass@1"] for r in history if "eval/pass@1" in r][-1]
+    run_start = time.time() - history[-1].get("time/elapsed_s", 0.0)  # elapsed time continues
 
-        # 2. credit assignment: the ONLY place where the two methods differ
-        start = time.time()
-        batch = collate(episodes, tokenizer.pad_token_id)
-        fixed = precompute(policy, reference, value_model, batch, args, device)
-        if args.critic == "mc":
-            record.update(assign_mc_advantages(policy, tokenizer, episodes, train, args))
-            advantages, returns = right_aligned([e.token_advantages for e in episodes], batch["response_mask"].shape[1]), None
-        else:
-            rewards = right_aligned([[0.0] * (len(e.response_ids) - 1) + [e.reward] for e in episodes],
-                                    batch["response_mask"].shape[1])  # R on the last response token
-            advantages, returns = gae_advantages(rewards, fixed["values_old"], batch["response_mask"],
-                                                 gamma=args.gamma, lam=args.gae_lambda)
-            record["tokens/mc"] = 0
-            record["value/explained_variance"] = explained_variance(fixed["values_old"], returns, batch["response_mask"])
-        record["time/credit_s"] = time.time() - start
-
-        # 3. PPO update, identical for both methods
-        start = time.time()
-        record.update(ppo_update(policy, value_model, optimizers, schedulers, batch, fixed, advantages, returns, args, device))
-        record["time/update_s"] = time.time() - start
-
-        if iteration % args.eval_every == 0 or iteration == args.iterations:
+    stop = StopSignals()
+    try:
+        for iteration in tqdm(range(saved_at + 1, args.iterations + 1), desc="RL iterations", initial=saved_at,
+                              total=args.iterations):
+            record = {"iteration": iteration}
+            # 1. sample responses from pi_old and grade them
             start = time.time()
-            record["eval/pass@1"] = after = evaluate(policy, tokenizer, test, args)
-            if validation:
-                record["eval/val_pass@1"] = evaluate(policy, tokenizer, validation, args)
-            record["time/eval_s"] = time.time() - start
-        record["time/elapsed_s"] = time.time() - run_start
-        log_metrics(args, record)
-        history.append(record)
-        extra = (f"mc_std {record['mc/value_std']:.2f}" if args.critic == "mc"
-                 else f"v_loss {record['losses/value_loss']:.3f} ev {record['value/explained_variance']:.2f}")
-        evaluated = f" | pass@1 {record['eval/pass@1']:.3f}" if "eval/pass@1" in record else ""
-        tqdm.write(f"iter {iteration:3d} | reward {record['train/reward_mean']:.3f}{evaluated} | "
-                   f"pg {record['losses/policy_loss']:+.4f} kl {record['losses/kl']:.4f} "
-                   f"clip {record['losses/clipfrac']:.3f} | {extra} | rollout {record['time/rollout_s']:.1f}s "
-                   f"credit {record['time/credit_s']:.1f}s update {record['time/update_s']:.1f}s")
+            indices = sampler.sample(range(len(train)), args.prompts_per_iteration)  # distinct problems
+            episodes = sample_episodes(policy, tokenizer, train, indices, args)
+            record["time/rollout_s"] = time.time() - start
+            record["tokens/rollout"] = sum(len(e.response_ids) for e in episodes)
+            record["train/reward_mean"] = sum(e.reward for e in episodes) / len(episodes)
+            record["train/truncated_frac"] = sum(e.truncated for e in episodes) / len(episodes)
+            record["train/steps_mean"] = sum(len(e.step_starts) for e in episodes) / len(episodes)
+
+            # 2. credit assignment: the ONLY place where the two methods differ
+            start = time.time()
+            batch = collate(episodes, tokenizer.pad_token_id)
+            fixed = precompute(policy, reference, value_model, batch, args, device)
+            if args.critic == "mc":
+                record.update(assign_mc_advantages(policy, tokenizer, episodes, train, args))
+                advantages, returns = right_aligned([e.token_advantages for e in episodes], batch["response_mask"].shape[1]), None
+            else:
+                rewards = right_aligned([[0.0] * (len(e.response_ids) - 1) + [e.reward] for e in episodes],
+                                        batch["response_mask"].shape[1])  # R on the last response token
+                advantages, returns = gae_advantages(rewards, fixed["values_old"], batch["response_mask"],
+                                                     gamma=args.gamma, lam=args.gae_lambda)
+                record["tokens/mc"] = 0
+                record["value/explained_variance"] = explained_variance(fixed["values_old"], returns, batch["response_mask"])
+            record["time/credit_s"] = time.time() - start
+
+            # 3. PPO update, identical for both methods
+            start = time.time()
+            try:
+                record.update(ppo_update(policy, value_model, optimizers, schedulers, batch, fixed, advantages,
+                                         returns, args, device))
+            except FloatingPointError as error:  # the NaN never reached the weights or a checkpoint
+                sys.exit(f"error: {error} in iteration {iteration}; the last good checkpoint is "
+                         f"{os.path.join(args.output_dir, 'checkpoint.pt')} (iteration {saved_at}): resume it "
+                         f"with --resume, or start again with a lower --lr")
+            record["time/update_s"] = time.time() - start
+
+            if iteration % args.eval_every == 0 or iteration == args.iterations:
+                start = time.time()
+                record["eval/pass@1"] = after = evaluate(policy, tokenizer, test, args)
+                if validation:
+                    record["eval/val_pass@1"] = evaluate(policy, tokenizer, validation, args)
+                record["time/eval_s"] = time.time() - start
+            record["time/elapsed_s"] = time.time() - run_start
+            log_metrics(args, record)
+            history.append(record)
+            if stop.received or (args.save_every and iteration % args.save_every == 0) or iteration == args.iterations:
+                save_checkpoint(args, iteration, policy, reference, value_model, optimizers, schedulers, sampler, history)
+                saved_at = iteration
+            extra = (f"mc_std {record['mc/value_std']:.2f}" if args.critic == "mc"
+                     else f"v_loss {record['losses/value_loss']:.3f} ev {record['value/explained_variance']:.2f}")
+            evaluated = f" | pass@1 {record['eval/pass@1']:.3f}" if "eval/pass@1" in record else ""
+            tqdm.write(f"iter {iteration:3d} | reward {record['train/reward_mean']:.3f}{evaluated} | "
+                       f"pg {record['losses/policy_loss']:+.4f} kl {record['losses/kl']:.4f} "
+                       f"clip {record['losses/clipfrac']:.3f} | {extra} | rollout {record['time/rollout_s']:.1f}s "
+                       f"credit {record['time/credit_s']:.1f}s update {record['time/update_s']:.1f}s")
+            if stop.received:
+                print(f"stopped by {signal.Signals(stop.received).name} after iteration {iteration}: checkpoint saved "
+                      f"to {os.path.join(args.output_dir, 'checkpoint.pt')}; continue with: python vineppo.py "
+                      f"--output-dir {args.output_dir} --resume", file=sys.stderr)
+                sys.exit(128 + stop.received)
+    finally:
+        stop.restore()
 
     final = save_final(policy, tokenizer, value_model, args)
     print(f"pass@1 before RL {before:.3f} -> after RL {after:.3f} ({after - before:+.3f}) | "
           f"{args.iterations} iterations in {time.time() - run_start:.0f}s | checkpoint {final}")
-    return {"before": before, "after": after, "history": history, "final_dir": final, "policy": policy,
+    return {"before": before, "after": after, "history": history[1:], "final_dir": final, "policy": policy,
             "reference": reference, "value_model": value_model}
 
 
