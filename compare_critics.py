@@ -57,6 +57,8 @@ class Args:
     """K of the Monte Carlo estimators; the largest K fresh rollouts per state, the smaller K their first ones"""
     alternatives: int = 5
     """continuations sampled from a state to find alternative next steps (paper: about 5)"""
+    alternatives_temperature: float = 0.0
+    """temperature of the search for alternative next steps; 0 = the run's (their values always use the run's)"""
     min_alternatives: int = 3
     """a state is ranked only if it has at least this many distinct next steps (paper: 3)"""
     ranking_states: int = 32
@@ -77,6 +79,12 @@ class Args:
 # evaluation, so that training plus this analysis fits in 15 minutes on a 2-core CPU.
 TRAIN_ARGV = ["--critic", "value", "--eval-problems", "128"]
 
+# With no --run, the ranking test departs from the paper's (5 alternatives, >= 3 distinct) in ONE place:
+# after RL the demo policy is nearly deterministic at T=0.6 and an arithmetic step has at most two plausible
+# versions (right, or the tutor's slip), so on 100 states only 2 had two distinct next steps and none had
+# three. Alternatives are therefore searched at T=1.0 (their values still use the run's T) and pairs count.
+DEMO_OVERRIDES = dict(alternatives=8, alternatives_temperature=1.0, min_alternatives=2)
+
 # The paper's figures, DeepSeekMath 7B on MATH, read in secondary summaries of the paper (not the paper).
 PAPER = {"value network": "MAE 0.11; ranking near chance", "MC K=9": "MAE 0.03; top-1 70-90%"}
 
@@ -89,14 +97,19 @@ def parse_args(argv: list[str] | None = None) -> Args:
         if f.type == "bool":
             parser.add_argument(flag, action="store_true", help=docs[f.name])
         else:
-            kind = {"int": int, "str": str}[f.type]
+            kind = {"int": int, "float": float, "str": str}[f.type]
             parser.add_argument(flag, type=kind, metavar=f.name.upper(), help=f"{docs[f.name]} (default: {f.default!r})")
-    args = Args(**vars(parser.parse_args(argv)))
+    given = vars(parser.parse_args(argv))  # only the flags the user typed
+    values = {} if given.get("run") else dict(DEMO_OVERRIDES)  # a flag given on the command line still wins
+    values.update(given)
+    args = Args(**values)
     problems = [f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
                 for name in ("problems", "samples_per_problem", "k_gt", "alternatives", "ranking_states",
                              "position_bins", "bootstrap", "rollout_batch_size") if getattr(args, name) < 1]
     if args.min_alternatives < 2:
         problems.append(f"--min-alternatives must be at least 2 (a ranking needs two steps), got {args.min_alternatives}")
+    if args.alternatives_temperature < 0:
+        problems.append(f"--alternatives-temperature must be 0 (the run's) or positive, got {args.alternatives_temperature}")
     if not all(k.strip().isdigit() and int(k) > 0 for k in args.mc_k.split(",")):
         problems.append(f"--mc-k must be positive integers separated by commas, like 1,3,9; got {args.mc_k!r}")
     if args.run and not os.path.isdir(os.path.join(args.run, "final", "value")):
@@ -325,9 +338,9 @@ def find_alternatives(model, tokenizer, records: list[dict], run_args: vineppo.A
     prefixes = [list(r["state"]) for r in order for _ in range(args.alternatives)]
     budgets = [run_args.max_new_tokens - (len(r["state"]) - r["prompt_len"]) for r in order for _ in range(args.alternatives)]
     outputs = vineppo.sample_continuations(model, prefixes, budgets, eos_id=tokenizer.eos_token_id,
-                                           pad_id=tokenizer.pad_token_id, temperature=run_args.temperature,
-                                           top_p=run_args.top_p, batch_size=args.rollout_batch_size,
-                                           desc="alternative next steps")
+                                           pad_id=tokenizer.pad_token_id, top_p=run_args.top_p,
+                                           temperature=args.alternatives_temperature or run_args.temperature,
+                                           batch_size=args.rollout_batch_size, desc="alternative next steps")
     kept = []
     for n, r in enumerate(order):
         children = [next_step_state(run_args.task, decode, r["state"], r["prompt_len"], ids)
@@ -474,6 +487,9 @@ def main(argv: list[str] | None = None) -> dict:
     timings = {}
     if not args.run:  # train the demo's PPO run with a value network first
         args.run = os.path.join(args.output_dir, "run")
+        if os.path.isdir(os.path.join(args.run, "final", "value")) and not args.overwrite:
+            sys.exit(f"error: {args.run} already holds a trained run: analyse it with --run {args.run}, "
+                     f"or pass --overwrite to train a new one")
         vineppo.main(TRAIN_ARGV + ["--output-dir", args.run] + (["--overwrite"] if args.overwrite else []))
         timings["train_s"] = time.time() - start
     random.seed(args.seed)  # seeding in one place (after training, which seeds itself)

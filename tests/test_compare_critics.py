@@ -263,3 +263,12 @@ def test_tiny_end_to_end_run(tmp_path, monkeypatch, tok):
         assert (out / figure).stat().st_size > 1000
     with pytest.raises(SystemExit, match="already holds results"):
         cc.main(flags)
+
+
+def test_demo_overrides_apply_only_without_run_and_flags_win(tmp_path):
+    demo = cc.parse_args([])
+    assert (demo.alternatives, demo.alternatives_temperature, demo.min_alternatives) == (8, 1.0, 2)
+    assert cc.parse_args(["--min-alternatives", "3"]).min_alternatives == 3
+    (tmp_path / "final" / "value").mkdir(parents=True)
+    paper = cc.parse_args(["--run", str(tmp_path)])
+    assert (paper.alternatives, paper.alternatives_temperature, paper.min_alternatives) == (5, 0.0, 3)
