@@ -1,0 +1,556 @@
+"""Do value networks predict the value? The paper's value-prediction analysis, runnable and honest.
+
+Kazemnejad et al., "VinePPO" (arXiv 2410.01679), the analysis of PPO's value network: on the states of
+held-out responses, compare each value estimator with a ground truth V_gt(s), the mean reward of K_gt = 256
+fresh rollouts from s, and test how well each one ranks alternative next steps.
+
+    python compare_critics.py                           # trains the demo's `--critic value` run, then compares
+    python compare_critics.py --run runs/arith-value-seed0   # a finished `vineppo.py --critic value` run
+    python compare_critics.py --help                    # every flag
+
+Estimators: Monte Carlo with K = 1, 3, 9 FRESH rollouts (never a subsample of the ground-truth ones: the
+official analyzer did that, which flatters MC), the run's value network, and a constant (the mean of V_gt).
+The noise ceiling is a second, independent K_gt estimate. Every figure has a bootstrap 95% interval
+(problems resampled for value prediction, states for ranking). Writes <output-dir>/results.json and three
+PNG figures, and prints the table beside the paper's figures.
+
+The file reads top to bottom in the order the analysis runs:
+    Args -> metrics (pure functions) -> states and rollouts -> estimators -> ranking -> report -> main.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+from tqdm.auto import tqdm
+
+import vineppo
+
+
+# ============================================================================================
+# Arguments
+# ============================================================================================
+@dataclass
+class Args:
+    run: str = ""
+    """a `vineppo.py --critic value` output directory (uses its final/ and final/value/); empty: train one first"""
+    output_dir: str = "runs/compare-critics"
+    """where results.json, the figures (and, without --run, the training run in run/) go"""
+    overwrite: bool = False
+    """allow writing into an output directory that already holds results"""
+    problems: int = 24
+    """held-out problems whose sampled responses give the states"""
+    samples_per_problem: int = 2
+    """responses sampled per held-out problem (same sampling settings as the run's training)"""
+    k_gt: int = 256
+    """rollouts per state of the ground truth V_gt, and of its independent second copy (paper: 256)"""
+    mc_k: str = "1,3,9"
+    """K of the Monte Carlo estimators; the largest K fresh rollouts per state, the smaller K their first ones"""
+    alternatives: int = 5
+    """continuations sampled from a state to find alternative next steps (paper: about 5)"""
+    alternatives_temperature: float = 0.0
+    """temperature of the search for alternative next steps; 0 = the run's (their values always use the run's)"""
+    min_alternatives: int = 3
+    """a state is ranked only if it has at least this many distinct next steps (paper: 3)"""
+    ranking_states: int = 32
+    """most states used for the ranking test"""
+    position_bins: int = 4
+    """bins of relative position in the chain (state index / number of states of its response)"""
+    bootstrap: int = 1000
+    """bootstrap resamples for every 95% interval"""
+    seed: int = 0
+    """seed for python and torch (sampling) and the bootstrap"""
+    rollout_batch_size: int = 512
+    """most sequences in one `generate` call"""
+    device: str = "auto"
+    """'auto' (cuda, then mps, then cpu), 'cpu', 'cuda' or 'mps'"""
+
+
+# With no --run: the demo's `vineppo.py --critic value` run (TINY_DEMO_OVERRIDES), with a smaller
+# evaluation, so that training plus this analysis fits in 15 minutes on a 2-core CPU.
+TRAIN_ARGV = ["--critic", "value", "--eval-problems", "128"]
+
+# With no --run, the ranking test departs from the paper's (5 alternatives, >= 3 distinct) in ONE place:
+# after RL the demo policy is nearly deterministic at T=0.6 and an arithmetic step has at most two plausible
+# versions (right, or the tutor's slip), so on 100 states only 2 had two distinct next steps and none had
+# three. Alternatives are therefore searched at T=1.0 (their values still use the run's T) and pairs count.
+DEMO_OVERRIDES = dict(alternatives=8, alternatives_temperature=1.0, min_alternatives=2)
+
+# The paper's figures, DeepSeekMath 7B on MATH, read in secondary summaries of the paper (not the paper).
+PAPER = {"value network": "MAE 0.11; ranking near chance", "MC K=9": "MAE 0.03; top-1 70-90%"}
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
+    docs = {name: doc.replace("%", "%%") for name, doc in vineppo._field_docs(Args).items()}
+    for f in fields(Args):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            parser.add_argument(flag, action="store_true", help=docs[f.name])
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type]
+            parser.add_argument(flag, type=kind, metavar=f.name.upper(), help=f"{docs[f.name]} (default: {f.default!r})")
+    given = vars(parser.parse_args(argv))  # only the flags the user typed
+    values = {} if given.get("run") else dict(DEMO_OVERRIDES)  # a flag given on the command line still wins
+    values.update(given)
+    args = Args(**values)
+    problems = [f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
+                for name in ("problems", "samples_per_problem", "k_gt", "alternatives", "ranking_states",
+                             "position_bins", "bootstrap", "rollout_batch_size") if getattr(args, name) < 1]
+    if args.min_alternatives < 2:
+        problems.append(f"--min-alternatives must be at least 2 (a ranking needs two steps), got {args.min_alternatives}")
+    if args.alternatives_temperature < 0:
+        problems.append(f"--alternatives-temperature must be 0 (the run's) or positive, got {args.alternatives_temperature}")
+    if not all(k.strip().isdigit() and int(k) > 0 for k in args.mc_k.split(",")):
+        problems.append(f"--mc-k must be positive integers separated by commas, like 1,3,9; got {args.mc_k!r}")
+    if args.run and not os.path.isdir(os.path.join(args.run, "final", "value")):
+        problems.append(f"--run {args.run} has no final/value/: give the output directory of a finished "
+                        f"`vineppo.py --critic value` run")
+    if problems:
+        sys.exit("error: " + "; ".join(problems))
+    return args
+
+
+def mc_ks(args: Args) -> list[int]:
+    return sorted({int(k) for k in args.mc_k.split(",")})
+
+
+# ============================================================================================
+# Metrics: pure functions of predictions and ground truths
+# ============================================================================================
+def mean_absolute_error(predicted: list[float], truth: list[float]) -> float:
+    """mean |prediction - V_gt|."""
+    return sum(abs(p - t) for p, t in zip(predicted, truth)) / len(truth)
+
+
+def pearson(x: list[float], y: list[float]) -> float:
+    """Pearson correlation; nan when either side is constant (a constant predicts no ORDER at all).
+
+    >>> pearson([1, 2, 3], [2, 4, 7])
+    0.9933992677987828
+    """
+    n = len(x)
+    mx, my = sum(x) / n, sum(y) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
+    return sxy / math.sqrt(sxx * syy) if sxx > 1e-12 and syy > 1e-12 else float("nan")
+
+
+def within_problem_pearson(groups: list[tuple[list[float], list[float]]]) -> float:
+    """Correlation with each problem's difficulty removed: subtract, per problem, the mean prediction and
+    the mean V_gt, then correlate the pooled residuals. An estimator that only knows how hard a problem is
+    scores 0 here; one that sees which step went wrong scores high.
+
+    An estimator that knows which problem is easy but orders the states of each problem backwards:
+    >>> groups = [([0.7, 0.9], [1.0, 0.6]), ([0.1, 0.3], [0.4, 0.0])]
+    >>> round(pearson([0.7, 0.9, 0.1, 0.3], [1.0, 0.6, 0.4, 0.0]), 3), within_problem_pearson(groups)
+    (0.614, -1.0)
+    """
+    xs, ys = [], []
+    for x, y in groups:
+        mx, my = sum(x) / len(x), sum(y) / len(y)
+        xs += [a - mx for a in x]
+        ys += [b - my for b in y]
+    return pearson(xs, ys)
+
+
+def position_bin(position: float, n_bins: int) -> int:
+    """Bin of a relative position in [0, 1): 0 = the prompt state, n_bins - 1 = near the end."""
+    return min(int(position * n_bins), n_bins - 1)
+
+
+def mae_by_position(predicted: list[float], truth: list[float], positions: list[float], n_bins: int) -> list[float]:
+    """MAE of the states in each bin of relative position in the chain; nan for an empty bin."""
+    errors = [[] for _ in range(n_bins)]
+    for p, t, x in zip(predicted, truth, positions):
+        errors[position_bin(x, n_bins)].append(abs(p - t))
+    return [sum(e) / len(e) if e else float("nan") for e in errors]
+
+
+def top1_accuracy(groups: list[tuple[list[float], list[float]]]) -> tuple[float, float]:
+    """Ranking alternative next steps (paper): per state, does the step the estimator scores highest have
+    the highest V_gt? Returns (accuracy, chance), means over states.
+
+    Ties count as a random pick among the tied: the score of a state is the fraction of the estimator's
+    top set that is truly best; chance is (#truly best) / (#steps), which is 1/#steps when V_gt has no tie.
+    States whose steps all have the same V_gt are left out (any pick is right there).
+
+    >>> top1_accuracy([([0.9, 0.1, 0.2], [1.0, 0.0, 0.5]), ([0.5, 0.5, 0.0], [0.0, 1.0, 0.0])])
+    (0.75, 0.3333333333333333)
+    """
+    scores, chances = [], []
+    for predicted, truth in groups:
+        if max(truth) == min(truth):
+            continue
+        best = {i for i, t in enumerate(truth) if t == max(truth)}
+        picked = [i for i, p in enumerate(predicted) if p == max(predicted)]
+        scores.append(sum(i in best for i in picked) / len(picked))
+        chances.append(len(best) / len(truth))
+    return (sum(scores) / len(scores), sum(chances) / len(chances)) if scores else (float("nan"), float("nan"))
+
+
+def pairwise_accuracy(groups: list[tuple[list[float], list[float]]]) -> float:
+    """Over all pairs of alternative steps of a state whose V_gt differ: 1 if the estimator orders them
+    like V_gt, 1/2 if it ties them (a coin flip), 0 if it reverses them. Chance is exactly 1/2.
+
+    >>> pairwise_accuracy([([0.5, 0.9, 0.5], [1.0, 0.5, 0.0]), ([0.1, 0.9], [0.0, 0.0])])  # reversed, tie, right
+    0.5
+    """
+    scores = []
+    for predicted, truth in groups:
+        for i in range(len(truth)):
+            for j in range(i + 1, len(truth)):
+                if truth[i] != truth[j]:
+                    agree = (predicted[i] - predicted[j]) * (truth[i] - truth[j])
+                    scores.append(1.0 if agree > 0 else 0.5 if agree == 0 else 0.0)
+    return sum(scores) / len(scores) if scores else float("nan")
+
+
+def bootstrap_ci(statistic, clusters: list, *, n_resamples: int, seed: int, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of statistic(clusters), resampling whole clusters with replacement
+    (a problem's states are not independent of each other). Seeded: the same inputs give the same interval.
+    Resamples where the statistic is undefined (nan) are dropped."""
+    rng = random.Random(seed)
+    values = []
+    for _ in range(n_resamples):
+        value = statistic([clusters[rng.randrange(len(clusters))] for _ in clusters])
+        if not math.isnan(value):
+            values.append(value)
+    if not values:
+        return float("nan"), float("nan")
+    values.sort()
+    lo = values[int((1 - level) / 2 * (len(values) - 1))]
+    hi = values[math.ceil((1 + level) / 2 * (len(values) - 1))]
+    return lo, hi
+
+
+# ============================================================================================
+# States and rollouts, exactly as vineppo.py builds them
+# ============================================================================================
+def load_run(run_dir: str, device):
+    """The policy, tokenizer and value network of a `vineppo.py --critic value` run, and its Args."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    final = os.path.join(run_dir, "final")
+    with open(os.path.join(final, "args.json")) as f:
+        saved = json.load(f)
+    run_args = vineppo.Args(**{f.name: saved[f.name] for f in fields(vineppo.Args) if f.name in saved})
+    tokenizer = AutoTokenizer.from_pretrained(final, padding_side="left")
+    policy = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).to(device).eval()
+    value_model = vineppo.ValueNetwork.load(os.path.join(final, "value")).to(device).eval()
+    return policy, tokenizer, value_model, run_args
+
+
+def response_states(episodes: list[vineppo.Episode], max_states: int) -> list[dict]:
+    """The states of held-out responses as `assign_mc_advantages` builds them: s_i = prompt + the
+    response's own first t_i tokens, t_i = step_starts[i] (s_0 = the prompt), at most max_states per
+    response. Identical states (every s_0 of a problem) are kept once, with the position of their first
+    visit: i / (number of steps), 0 for the prompt."""
+    states = {}
+    for e in episodes:
+        for i, t in enumerate(e.step_starts[:max_states]):
+            state = tuple(e.prompt_ids + e.response_ids[:t])
+            states.setdefault(state, {"state": state, "problem": e.problem_index, "prompt_len": len(e.prompt_ids),
+                                      "position": i / len(e.step_starts)})
+    return list(states.values())
+
+
+def make_rollout(model, tokenizer, records: list[dict], problems: list[dict], run_args: vineppo.Args, batch_size: int,
+                 desc: str):
+    """rollout(prefixes) -> one reward per prefix, as `assign_mc_advantages` samples and grades them: from
+    the policy with the run's temperature and top_p, within the response's remaining length budget,
+    prefix + continuation graded (the answer may straddle the boundary), a cut continuation scores 0."""
+    decode = functools.partial(vineppo.decode_response, tokenizer)
+    info = {r["state"]: (problems[r["problem"]]["answer"], r["prompt_len"]) for r in records}
+
+    def rollout(prefixes):
+        budgets = [run_args.max_new_tokens - (len(p) - info[p][1]) for p in prefixes]
+        outputs = vineppo.sample_continuations(model, [list(p) for p in prefixes], budgets, eos_id=tokenizer.eos_token_id,
+                                               pad_id=tokenizer.pad_token_id, temperature=run_args.temperature,
+                                               top_p=run_args.top_p, batch_size=batch_size, desc=desc)
+        return [vineppo.reward_of(run_args.task, decode(list(p[info[p][1]:]) + ids), ended, info[p][0])
+                for p, (ids, ended) in zip(prefixes, outputs)]
+    return rollout
+
+
+# ============================================================================================
+# Estimators
+# ============================================================================================
+def estimate_all(records: list[dict], rollout, args: Args) -> None:
+    """Fill each record with V_gt (K_gt rollouts), V_gt2 (K_gt more: the noise ceiling) and 'MC K=k'
+    (the first k of max(K) MORE rollouts), all independent samples, drawn in one batched call."""
+    k_gt, ks = args.k_gt, mc_ks(args)
+    _, rewards = vineppo.mc_values([r["state"] for r in records], 2 * k_gt + ks[-1], rollout)
+    for r in records:
+        own = rewards[r["state"]]  # [2 K_gt + max K]
+        r["truth"] = sum(own[:k_gt]) / k_gt
+        r["truth2"] = sum(own[k_gt:2 * k_gt]) / k_gt
+        fresh = own[2 * k_gt:]  # never part of the ground truth
+        r["pred"] = {f"MC K={k}": sum(fresh[:k]) / k for k in ks}
+
+
+@torch.inference_mode()
+def value_network_predictions(value_model, states: list[tuple[int, ...]], pad_id: int, batch_size: int) -> list[float]:
+    """V(s) of the value network: its output at the state's last token, the same position whose value
+    PPO trains for the state (`response_values`). States are left-padded with `collate`'s layout and
+    position ids, as in training."""
+    device = next(value_model.parameters()).device
+    values = []
+    for start in range(0, len(states), batch_size):
+        rows = [vineppo.Episode(0, list(s), [], "", 0.0, False) for s in states[start:start + batch_size]]
+        batch = vineppo.collate(rows, pad_id)  # the state as a "prompt" with an empty response
+        with vineppo.autocast(device):
+            out = value_model(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                              batch["position_ids"].to(device))  # [rows, width]
+        values += out[:, -1].tolist()
+    return values
+
+
+# ============================================================================================
+# Ranking alternative next steps
+# ============================================================================================
+def next_step_state(task: str, decode, state: tuple[int, ...], prompt_len: int, continuation: list[int]):
+    """The state after a continuation's FIRST step: the continuation is appended to the response so far,
+    the whole response is split into steps on its text and mapped to tokens (`split_response`,
+    `step_token_starts`, as in training), and the state ends at the first step start after the old state.
+    None if there is none: the step ends the response, and a terminal state's value is its reward, which
+    every estimator would know."""
+    response = list(state[prompt_len:]) + continuation
+    starts = vineppo.step_token_starts(decode, response, vineppo.split_response(task, decode(response)))
+    later = [t for t in starts if t > len(state) - prompt_len]
+    return tuple(state[:prompt_len]) + tuple(response[:later[0]]) if later else None
+
+
+def find_alternatives(model, tokenizer, records: list[dict], run_args: vineppo.Args, args: Args) -> list[dict]:
+    """From each state (in a seeded random order) sample `alternatives` continuations, keep each one's
+    next step, dedupe; keep states with at least `min_alternatives` distinct next states, at most
+    `ranking_states` of them. Returns [{parent record, children: [state, ...]}]."""
+    decode = functools.partial(vineppo.decode_response, tokenizer)
+    order = random.Random(args.seed).sample(records, len(records))
+    prefixes = [list(r["state"]) for r in order for _ in range(args.alternatives)]
+    budgets = [run_args.max_new_tokens - (len(r["state"]) - r["prompt_len"]) for r in order for _ in range(args.alternatives)]
+    outputs = vineppo.sample_continuations(model, prefixes, budgets, eos_id=tokenizer.eos_token_id,
+                                           pad_id=tokenizer.pad_token_id, top_p=run_args.top_p,
+                                           temperature=args.alternatives_temperature or run_args.temperature,
+                                           batch_size=args.rollout_batch_size, desc="alternative next steps")
+    kept = []
+    for n, r in enumerate(order):
+        children = [next_step_state(run_args.task, decode, r["state"], r["prompt_len"], ids)
+                    for ids, _ in outputs[n * args.alternatives:(n + 1) * args.alternatives]]
+        children = list(dict.fromkeys(c for c in children if c is not None))
+        if len(children) >= args.min_alternatives and len(kept) < args.ranking_states:
+            kept.append({"parent": r, "children": children})
+    return kept
+
+
+# ============================================================================================
+# Report: metrics with intervals, table, results.json, figures
+# ============================================================================================
+def summarize(records: list[dict], ranked: list[dict], names: list[str], args: Args) -> dict:
+    """Every metric of every estimator with its bootstrap 95% interval. The bootstrap resamples problems
+    (a problem's states, and its ranked states, are not independent of each other)."""
+    clusters, ranked_clusters = {}, {}
+    for r in records:
+        clusters.setdefault(r["problem"], []).append(r)
+    for g in ranked:
+        ranked_clusters.setdefault(g["parent"]["problem"], []).append(g)
+    clusters, ranked_clusters = list(clusters.values()), list(ranked_clusters.values())
+    boot = functools.partial(bootstrap_ci, n_resamples=args.bootstrap, seed=args.seed)
+    flat = lambda cs: [r for c in cs for r in c]  # noqa: E731
+    out = {}
+    for name in tqdm(names, desc="bootstrap", leave=False):
+        pred = lambda rs: [r["pred"][name] for r in rs]  # noqa: E731
+        truth = lambda rs: [r["truth"] for r in rs]  # noqa: E731
+        stats = {
+            "mae": lambda cs: mean_absolute_error(pred(flat(cs)), truth(flat(cs))),
+            "pearson": lambda cs: pearson(pred(flat(cs)), truth(flat(cs))),
+            "within_problem_pearson": lambda cs: within_problem_pearson([(pred(c), truth(c)) for c in cs]),
+        }
+        row = {key: {"value": f(clusters), "ci95": boot(f, clusters)} for key, f in stats.items()}
+        row["mae_by_position"] = mae_by_position(pred(records), truth(records), [r["position"] for r in records],
+                                                 args.position_bins)
+        groups = lambda gs: [([c["pred"][name] for c in g["children"]], [c["truth"] for c in g["children"]])  # noqa: E731
+                             for g in gs]
+        if ranked:
+            ranking = {"top1": lambda cs: top1_accuracy(groups(flat(cs)))[0],
+                       "pairwise": lambda cs: pairwise_accuracy(groups(flat(cs)))}
+            row.update({key: {"value": f(ranked_clusters), "ci95": boot(f, ranked_clusters)} for key, f in ranking.items()})
+        out[name] = row
+    if ranked:  # chance: a pick at random among the alternatives (its V_gt ties are counted)
+        chance = lambda cs: top1_accuracy([([0.0] * len(g["children"]), [c["truth"] for c in g["children"]])  # noqa: E731
+                                           for g in flat(cs)])[1]
+        out["chance"] = {"top1": {"value": chance(ranked_clusters), "ci95": boot(chance, ranked_clusters)},
+                         "pairwise": {"value": 0.5}}
+    return out
+
+
+def fmt(entry: dict | None) -> str:
+    if entry is None or math.isnan(entry["value"]):
+        return "n/a"
+    lo, hi = entry.get("ci95", (float("nan"),) * 2)
+    return f"{entry['value']:.3f} [{lo:.2f}, {hi:.2f}]" if not math.isnan(lo) else f"{entry['value']:.3f}"
+
+
+def print_table(summary: dict, names: list[str], args: Args, n_states: int, n_problems: int, n_ranked: int) -> None:
+    print(f"\nValue prediction on {n_states} states of {n_problems} held-out problems (V_gt: K_gt={args.k_gt} "
+          f"rollouts); ranking on {n_ranked} states with >= {args.min_alternatives} distinct next steps. "
+          f"[95% bootstrap interval]")
+    header = f"{'estimator':<26} {'MAE':<21} {'Pearson r':<21} {'within-problem r':<21} {'top-1':<21} {'pairwise':<21} paper (2nd)"
+    print(header + "\n" + "-" * len(header))
+    for name in names:
+        row = summary[name]
+        print(f"{name:<26} {fmt(row['mae']):<21} {fmt(row['pearson']):<21} {fmt(row['within_problem_pearson']):<21} "
+              f"{fmt(row.get('top1')):<21} {fmt(row.get('pairwise')):<21} {PAPER.get(name, '')}")
+    if "chance" in summary:
+        print(f"{'chance':<26} {'':<21} {'':<21} {'':<21} {fmt(summary['chance']['top1']):<21} {'0.500':<21}")
+    print("paper (2nd): DeepSeekMath 7B on MATH, from secondary summaries of the paper, not the paper itself.")
+    edges = [f"{b / args.position_bins:.2f}-{(b + 1) / args.position_bins:.2f}" for b in range(args.position_bins)]
+    print(f"\nMAE by relative position in the chain ({' | '.join(edges)}):")
+    for name in names:
+        print(f"  {name:<26} " + " | ".join("  n/a " if math.isnan(v) else f"{v:.3f}" for v in summary[name]["mae_by_position"]))
+
+
+def save_figures(records: list[dict], summary: dict, names: list[str], args: Args) -> list[str]:
+    """Three PNGs: predicted vs V_gt (2-D histograms), MAE by chain position, ranking accuracy with chance."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    truth = [r["truth"] for r in records]
+    cols = 3
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.6 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        pred = [r["pred"][name] for r in records]
+        ax.hist2d(truth, pred, bins=20, range=[[0, 1], [min(0, min(pred)), max(1, max(pred))]], cmap="viridis", cmin=1)
+        ax.plot([0, 1], [0, 1], color="gray", lw=0.8, ls="--")
+        ax.set_title(f"{name}\nMAE {summary[name]['mae']['value']:.3f}", fontsize=9)
+        ax.set_xlabel("V_gt (K_gt rollouts)")
+        ax.set_ylabel("predicted")
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.tight_layout()
+    paths.append(os.path.join(args.output_dir, "pred_vs_true.png"))
+    fig.savefig(paths[-1], dpi=90)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    centers = [(b + 0.5) / args.position_bins for b in range(args.position_bins)]
+    for name in names:
+        ax.plot(centers, summary[name]["mae_by_position"], marker="o", label=name)
+    ax.set_xlabel("relative position in the chain (state index / steps)")
+    ax.set_ylabel("MAE against V_gt")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(os.path.join(args.output_dir, "mae_by_position.png"))
+    fig.savefig(paths[-1], dpi=90)
+    plt.close(fig)
+
+    if "chance" in summary:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for ax, key, chance in zip(axes, ("top1", "pairwise"), (summary["chance"]["top1"]["value"], 0.5)):
+            values = [summary[n][key]["value"] for n in names]
+            lo = [v - summary[n][key]["ci95"][0] for v, n in zip(values, names)]
+            hi = [summary[n][key]["ci95"][1] - v for v, n in zip(values, names)]
+            ax.bar(range(len(names)), values, yerr=[lo, hi], capsize=3, color="tab:blue")
+            ax.axhline(chance, color="red", ls="--", label=f"chance {chance:.2f}")
+            ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+            ax.set_ylim(0, 1)
+            ax.set_title(f"{key} accuracy of ranking alternative next steps", fontsize=9)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(os.path.join(args.output_dir, "ranking.png"))
+        fig.savefig(paths[-1], dpi=90)
+        plt.close(fig)
+    return paths
+
+
+# ============================================================================================
+# Main
+# ============================================================================================
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    results_path = os.path.join(args.output_dir, "results.json")
+    if os.path.exists(results_path) and not args.overwrite:
+        sys.exit(f"error: {args.output_dir} already holds results; pass --overwrite or choose another --output-dir")
+    os.makedirs(args.output_dir, exist_ok=True)
+    start = time.time()
+    timings = {}
+    if not args.run:  # train the demo's PPO run with a value network first
+        args.run = os.path.join(args.output_dir, "run")
+        if os.path.isdir(os.path.join(args.run, "final", "value")) and not args.overwrite:
+            sys.exit(f"error: {args.run} already holds a trained run: analyse it with --run {args.run}, "
+                     f"or pass --overwrite to train a new one")
+        vineppo.main(TRAIN_ARGV + ["--output-dir", args.run] + (["--overwrite"] if args.overwrite else []))
+        timings["train_s"] = time.time() - start
+    random.seed(args.seed)  # seeding in one place (after training, which seeds itself)
+    torch.manual_seed(args.seed)
+    device = vineppo.pick_device(args.device)
+    policy, tokenizer, value_model, run_args = load_run(args.run, device)
+    run_args = replace(run_args, samples_per_prompt=args.samples_per_problem, rollout_batch_size=args.rollout_batch_size)
+    _, _, test = vineppo.load_task(run_args)  # held-out problems: never trained on
+    indices = random.Random(args.seed).sample(range(len(test)), min(args.problems, len(test)))
+
+    # 1. states: every step boundary of responses the policy samples on held-out problems
+    phase = time.time()
+    episodes = vineppo.sample_episodes(policy, tokenizer, test, indices, run_args)
+    records = response_states(episodes, run_args.max_states_per_response)
+    # 2. ground truth, its independent copy, and fresh MC rollouts, for the states...
+    estimate_all(records, make_rollout(policy, tokenizer, records, test, run_args, args.rollout_batch_size,
+                                       "V_gt and MC rollouts (states)"), args)
+    timings["states_s"] = time.time() - phase
+    # 3. ... and for the alternative next steps of the states that have several
+    phase = time.time()
+    ranked = find_alternatives(policy, tokenizer, records, run_args, args)
+    children = [{"state": c, "problem": g["parent"]["problem"], "prompt_len": g["parent"]["prompt_len"]}
+                for g in ranked for c in g["children"]]
+    children = list({c["state"]: c for c in children}.values())
+    if children:
+        estimate_all(children, make_rollout(policy, tokenizer, children, test, run_args, args.rollout_batch_size,
+                                            "V_gt and MC rollouts (next steps)"), args)
+    by_state = {c["state"]: c for c in children}
+    for g in ranked:
+        g["children"] = [by_state[c] for c in g["children"]]
+    timings["ranking_s"] = time.time() - phase
+
+    # 4. the value network, the constant, the noise ceiling
+    everything = records + children
+    for r, v in zip(everything, value_network_predictions(value_model, [r["state"] for r in everything],
+                                                          tokenizer.pad_token_id, args.rollout_batch_size)):
+        r["pred"]["value network"] = v
+    mean_value = sum(r["truth"] for r in records) / len(records)
+    for r in everything:
+        r["pred"][f"constant {mean_value:.2f} (mean V_gt)"] = mean_value
+        r["pred"]["noise ceiling (2nd V_gt)"] = r["truth2"]
+    names = list(records[0]["pred"])
+
+    phase = time.time()
+    summary = summarize(records, ranked, names, args)
+    timings["bootstrap_s"] = time.time() - phase
+    print_table(summary, names, args, len(records), len(indices), len(ranked))
+    figures = save_figures(records, summary, names, args)
+    timings["total_s"] = time.time() - start
+    results = {"args": asdict(args), "run_args": asdict(run_args), "n_states": len(records),
+               "n_problems": len(indices), "n_ranking_states": len(ranked), "n_next_steps": len(children),
+               "mean_value": mean_value, "metrics": summary, "timings": timings, "figures": figures,
+               "states": [{key: r[key] for key in ("problem", "position", "truth", "truth2", "pred")} for r in records],
+               "ranking": [{"problem": g["parent"]["problem"], "truth": [c["truth"] for c in g["children"]],
+                            "pred": {n: [c["pred"][n] for c in g["children"]] for n in names}} for g in ranked]}
+    with open(results_path, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"\n{len(records)} states, {len(ranked)} ranked | {timings['total_s']:.0f}s | {results_path}, "
+          + ", ".join(figures))
+    return results
+
+
+if __name__ == "__main__":
+    main()
