@@ -805,15 +805,41 @@ def autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def shared_prefix_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """The KV cache of each row's prompt but its last token, computed ONCE per distinct prompt and copied to
+    the rows that repeat it (the K rollouts of one MC state, the samples of one problem): given it, `generate`
+    runs only the last prompt token and the new ones, so K copies pay one prefill instead of K. Rows never
+    mix and the random stream is untouched, so the samples are the ones `generate` draws without it, up to
+    float rounding (the last prompt token runs as a one-token step: its logits move by ~1e-7, a test checks).
+    None when no row repeats another: nothing to save.
+
+    input_ids, attention_mask: [rows, width], left-padded, on the model's device.
+    """
+    width = input_ids.shape[1]
+    distinct, row_of = torch.unique(torch.cat([input_ids, attention_mask], dim=1), dim=0, return_inverse=True)
+    if len(distinct) == len(input_ids) or width < 2:
+        return None
+    ids, mask = distinct.split(width, dim=1)  # [distinct, width] each
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # numbered as `generate` numbers padded rows
+    cache = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+                  use_cache=True, logits_to_keep=1).past_key_values  # [distinct, heads, width - 1, head_dim] per layer
+    cache.batch_select_indices(row_of)  # [rows, ...]: every row gets the keys and values of its own prompt
+    return cache
+
+
 @torch.inference_mode()
 def sample_continuations(model, prefixes: list[list[int]], budgets: list[int], *, eos_id: int, pad_id: int,
                          temperature: float, top_p: float, batch_size: int, desc: str = "sampling",
-                         progress: bool = True) -> list[tuple[list[int], bool]]:
+                         progress: bool = True, share_prefixes: bool = True) -> list[tuple[list[int], bool]]:
     """Sample one continuation of each prefix with `generate`; returns (new_ids, ended_with_eos) per prefix.
 
     Rows are sorted by prefix length so each batch pads little (cost follows the padded length), and at
     most `batch_size` rows go into one call. Row i may add at most budgets[i] tokens; a row that reaches
     its budget without EOS is returned with ended_with_eos=False. The EOS token is kept in new_ids.
+    Identical prefixes in a call share one prefill (`shared_prefix_cache`; `share_prefixes=False` turns it
+    off, for the benchmark). The rows, their order and the number of decode steps, hence the random stream,
+    stay the same. (Stopping a row at its budget would not: a call that ended earlier would leave the
+    generator elsewhere for the next one.)
     """
     device = next(model.parameters()).device
     order = sorted(range(len(prefixes)), key=lambda i: (len(prefixes[i]), budgets[i]))
@@ -826,12 +852,14 @@ def sample_continuations(model, prefixes: list[list[int]], budgets: list[int], *
         for r, i in enumerate(rows):
             input_ids[r, width - len(prefixes[i]):] = torch.tensor(prefixes[i])
             attention_mask[r, width - len(prefixes[i]):] = 1
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         # A fresh GenerationConfig, so nothing from the model's saved one (repetition_penalty, top_k=50, ...)
         # changes the distribution: samples must come from pi_old at this temperature and top_p, exactly.
         config = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
                                   max_new_tokens=max(budgets[i] for i in rows), eos_token_id=eos_id, pad_token_id=pad_id)
         with autocast(device):
-            output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+            cache = shared_prefix_cache(model, input_ids, attention_mask) if share_prefixes else None
+            output = model.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
                                     generation_config=config)
         new_tokens = output[:, width:].tolist()  # [rows, <= max budget]
         for r, i in enumerate(rows):

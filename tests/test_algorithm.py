@@ -696,6 +696,57 @@ def test_sampling_ignores_the_model_generation_config():
     assert len({tuple(ids) for ids, _ in clean}) > 1  # really sampled at T=1, not greedy
 
 
+def test_shared_prefill_draws_the_same_tokens(monkeypatch):
+    """Identical prefixes share one prefill (the K rollouts of a state): the samples must be exactly those of
+    plain `generate` with the same seed, with left padding in the batch and a state's copies split across
+    two calls; and the shared cache really is used (one row per copy, all but the last prompt token)."""
+    tok = vineppo.build_tiny_tokenizer()
+    model = vineppo.build_tiny_model(tok, seed=0).eval()
+    states = [tok.encode(vineppo.make_prompt(p), add_special_tokens=False) for p in ("1+2", "Start at 30: +4.", "7")]
+    prefixes = [s for s in states for _ in range(3)] + [states[0] + [40, 41]]  # [10 rows], lengths differ
+    kwargs = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=1.0, top_p=0.9, batch_size=4,
+                  progress=False)
+    real, shapes = vineppo.shared_prefix_cache, []
+
+    def spy(model, input_ids, attention_mask):
+        cache = real(model, input_ids, attention_mask)
+        shapes.append(None if cache is None else (cache.layers[0].keys.shape[0], cache.get_seq_length(), input_ids.shape))
+        return cache
+
+    monkeypatch.setattr(vineppo, "shared_prefix_cache", spy)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        shared = vineppo.sample_continuations(model, prefixes, [6] * len(prefixes), **kwargs)
+        torch.manual_seed(0)
+        plain = vineppo.sample_continuations(model, prefixes, [6] * len(prefixes), share_prefixes=False, **kwargs)
+    assert shared == plain
+    assert len({(tuple(p), tuple(ids)) for p, (ids, _) in zip(prefixes, shared)}) > len(states) + 1  # really sampled
+    used = [s for s in shapes if s is not None]
+    assert used and all(rows == shape[0] and length == shape[1] - 1 for rows, length, shape in used)
+
+
+def test_shared_prefix_cache_gives_generate_the_same_logits():
+    """The shared cache holds what `generate`'s own prefill would (left-padded rows included), so the logits
+    of every step agree up to float rounding (the last prompt token runs as a one-token step, not in the
+    prefill); no cache when no row repeats another, or with one prompt token only."""
+    from transformers import GenerationConfig
+    tok = vineppo.build_tiny_tokenizer()
+    model = vineppo.build_tiny_model(tok, seed=0).eval()
+    ids = torch.tensor([[0, 0, 5, 6], [0, 0, 5, 6], [7, 8, 9, 10]])  # rows 0 and 1 repeat, left-padded
+    mask = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [1, 1, 1, 1]])
+    config = GenerationConfig(do_sample=False, max_new_tokens=3, pad_token_id=0, eos_token_id=None,
+                              output_logits=True, return_dict_in_generate=True)
+    with torch.inference_mode():
+        assert vineppo.shared_prefix_cache(model, ids[1:], mask[1:]) is None
+        assert vineppo.shared_prefix_cache(model, ids[:2, -1:], mask[:2, -1:]) is None
+        cache = vineppo.shared_prefix_cache(model, ids, mask)
+        assert cache.get_seq_length() == 3 and cache.layers[0].keys.shape[0] == 3
+        runs = [model.generate(input_ids=ids, attention_mask=mask, past_key_values=c, generation_config=config)
+                for c in (cache, None)]
+    for shared, plain in zip(runs[0].logits, runs[1].logits):  # [3 rows, vocab] per step
+        torch.testing.assert_close(shared, plain, rtol=0, atol=1e-5)  # a wrong position or row: ~4e-3
+
+
 def test_docstring_examples_hold():
     """The worked examples in vineppo.py's docstrings are part of the documentation: they must be true."""
     failures, tried = doctest.testmod(vineppo)[:2]
