@@ -1477,12 +1477,22 @@ def episode_from_text(tokenizer, problem: dict, text: str, *, task: str, index: 
                    grade(task, text, problem["answer"]), False, steps=steps, step_starts=starts)
 
 
+def credit_examples(episodes: list[Episode], n: int) -> list[Episode]:
+    """Which responses --show-credit N prints: one per problem, for the first N problems in batch order,
+    taking problems that have a failed response first and, in each, its first failed response (where
+    the credit is interesting); the first response when all of a problem's responses are right."""
+    groups: dict[int, list[Episode]] = {}
+    for e in episodes:
+        groups.setdefault(e.problem_index, []).append(e)
+    ordered = sorted(groups.values(), key=lambda g: all(e.reward == 1 for e in g))  # stable: failures first
+    return [next((e for e in g if e.reward < 1), g[0]) for g in ordered[:n]]
+
+
 def print_credit(tokenizer, episodes: list[Episode], problems: list[dict], iteration: int, args: Args) -> None:
-    """--show-credit N: the first response of each of the first N problems of this iteration."""
-    firsts = episodes[::args.samples_per_prompt][:args.show_credit]  # episodes come grouped by problem
+    """--show-credit N: the credit view of N of this iteration's responses (see `credit_examples`)."""
     tqdm.write(f"credit view, iteration {iteration}, --critic {args.critic} (advantage: mean over the step's "
                f"tokens, as the update used it, before whitening)")
-    for e in firsts:
+    for e in credit_examples(episodes, args.show_credit):
         tqdm.write(format_credit(tokenizer, e, problem=problems[e.problem_index], color=sys.stdout.isatty()))
 
 

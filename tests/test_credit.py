@@ -162,16 +162,30 @@ def test_credit_view_numbers_are_the_advantages_the_update_used(credit_run, caps
                 assert used.unique().numel() == 1
         if name == "mc-tokens":
             assert e.step_starts == vineppo.chunk_starts(n - (not e.truncated), 5)
+    if name == "rloo":  # each response's one advantage is RLOO's of its group
+        expected = vineppo.group_advantages([e.reward for e in episodes], [e.problem_index for e in episodes], "rloo")
+        assert [e.token_advantages[0] for e in episodes] == pytest.approx(expected)
+        assert any(a != 0 for a in expected)
 
 
 def test_show_credit_prints_n_responses_without_colour_off_a_terminal(credit_run):
     _, _, seen, _ = credit_run
     tokenizer, episodes, problems, iteration = seen["shown"][0]
     assert iteration == 1 and "credit view, iteration 1" in seen["stdout"]
-    shown = [e for e in episodes[::4]][:2]  # --samples-per-prompt 4: the first response of 2 problems
+    shown = vineppo.credit_examples(episodes, 2)
+    assert len(shown) == 2
     for e in shown:
         assert vineppo.format_credit(tokenizer, e, problem=problems[e.problem_index]) in seen["stdout"]
     assert seen["stdout"].count("problem: ") == 2 and "\033[" not in seen["stdout"]
+
+
+def test_credit_examples_prefer_failed_responses():
+    def episode(problem, reward):
+        return vineppo.Episode(problem, [], [], "", reward, False)
+    batch = [episode(0, 1.0), episode(0, 1.0), episode(1, 1.0), episode(1, 0.0), episode(2, 0.0), episode(2, 1.0)]
+    assert vineppo.credit_examples(batch, 2) == [batch[3], batch[4]]  # problems with a failure, first failure
+    assert vineppo.credit_examples(batch, 3) == [batch[3], batch[4], batch[0]]  # then an all-right problem
+    assert vineppo.credit_examples(batch, 0) == []
 
 
 def test_show_credit_colours_on_a_terminal(monkeypatch):
@@ -183,16 +197,6 @@ def test_show_credit_colours_on_a_terminal(monkeypatch):
     args = vineppo.Args(show_credit=1, samples_per_prompt=1)
     vineppo.print_credit(tokenizer, [episode], [PROBLEM], 3, args)
     assert "\033[31m" in sys.stdout.getvalue()
-
-
-def test_rloo_advantages_follow_the_group_rewards(credit_run):
-    name, _, seen, _ = credit_run
-    if name != "rloo":
-        pytest.skip("rloo only")
-    _, episodes, _, _ = seen["shown"][0]
-    expected = vineppo.group_advantages([e.reward for e in episodes], [e.problem_index for e in episodes], "rloo")
-    assert [e.token_advantages[0] for e in episodes] == pytest.approx(expected)
-    assert any(a != 0 for a in expected)
 
 
 # --- figures
