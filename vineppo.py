@@ -6,6 +6,8 @@ Kazemnejad et al., "VinePPO: Refining Credit Assignment in RL Training of LLMs" 
     python vineppo.py --critic value         # the same run, but classic PPO with a learned value network
     python vineppo.py --model Qwen2.5-0.5B                 # GSM8K with the paper's settings (GPU, hub)
     python vineppo.py --model Qwen2.5-0.5B --task math     # MATH (train 12k - MATH500, test MATH500)
+    python vineppo.py --show-credit 2        # also print 2 responses step by step: V(s) and advantages
+    python vineppo.py --plot runs/a runs/b   # overlay the curves of finished runs (each run writes curves.png)
 
 The file reads top to bottom in the order the algorithm runs:
     Args -> task (problems, prompt, grading) -> step splitting -> sampling with `generate`
@@ -1541,9 +1543,11 @@ def plot_curves(run_dirs: list[str], path: str, labels: list[str] | None = None)
 def plot_command(argv: list[str]) -> str:
     """python vineppo.py --plot runs/a runs/b [--output FILE]: overlay finished (or running) runs."""
     parser = argparse.ArgumentParser(prog="vineppo.py --plot", description=plot_command.__doc__)
-    parser.add_argument("--plot", nargs="+", required=True, metavar="RUN_DIR", help="output directories of runs")
+    parser.add_argument("--plot", nargs="*", required=True, metavar="RUN_DIR", help="output directories of runs")
     parser.add_argument("--output", default="compare.png", help="the PNG to write (default: compare.png)")
     options = parser.parse_args(argv)
+    if not options.plot:
+        sys.exit("error: --plot needs at least one run directory, e.g. --plot runs/arith-mc-seed0 runs/arith-value-seed0")
     try:
         path = plot_curves(options.plot, options.output)
     except ImportError:

@@ -209,6 +209,8 @@ def test_a_run_writes_curves_and_plot_overlays_runs(credit_run, tmp_path, capsys
     assert result["figure"] == str(figure) and figure.read_bytes()[:8] == png
     with pytest.raises(SystemExit, match="has no metrics.jsonl"):
         vineppo.main(["--plot", str(out), str(tmp_path / "nothing-here")])
+    with pytest.raises(SystemExit, match="at least one run directory"):
+        vineppo.main(["--plot", "--output", str(figure)])
 
 
 def test_new_flags_are_checked():
