@@ -1552,8 +1552,8 @@ def plot_command(argv: list[str]) -> str:
         path = plot_curves(options.plot, options.output)
     except ImportError:
         sys.exit("error: --plot needs matplotlib; pip install matplotlib")
-    except OSError as error:
-        sys.exit(f"error: cannot write --output {options.output!r} ({error.strerror}); choose another path")
+    except (OSError, ValueError) as error:  # ValueError: a file type matplotlib cannot write
+        sys.exit(f"error: cannot write --output {options.output!r} ({str(error).splitlines()[0]}); choose a writable .png path")
     print(f"wrote {path}")
     return path
 
