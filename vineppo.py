@@ -6,6 +6,8 @@ Kazemnejad et al., "VinePPO: Refining Credit Assignment in RL Training of LLMs" 
     python vineppo.py --critic value         # the same run, but classic PPO with a learned value network
     python vineppo.py --model Qwen2.5-0.5B                 # GSM8K with the paper's settings (GPU, hub)
     python vineppo.py --model Qwen2.5-0.5B --task math     # MATH (train 12k - MATH500, test MATH500)
+    python vineppo.py --show-credit 2        # also print 2 responses step by step: V(s) and advantages
+    python vineppo.py --plot runs/a runs/b   # overlay the curves of finished runs (each run writes curves.png)
 
 The file reads top to bottom in the order the algorithm runs:
     Args -> task (problems, prompt, grading) -> step splitting -> sampling with `generate`
@@ -56,11 +58,12 @@ class Args:
     validation_size: int = -1
     """train problems held out for validation; -1 = the paper's (5% of GSM8K, 500 of MATH, at most 1/10)"""
     critic: str = "mc"
-    """where advantages come from: 'mc' = VinePPO's Monte Carlo values, 'value' = PPO's value network"""
+    """where advantages come from: 'mc' = VinePPO's Monte Carlo values, 'value' = PPO's value network,
+    'grpo' / 'rloo' = one advantage per response from its group of samples (no critic)"""
     mc_rollouts: int = 9
     """K, continuations sampled from each state to estimate its value (paper: 9)"""
     iterations: int = 500
-    """number of RL iterations (sample -> credit -> update)"""
+    """number of RL iterations (sample -> credit -> update); 0 = SFT and evaluate only, then save"""
     seed: int = 0
     """seed for python, torch and the task generator"""
     output_dir: str = ""
@@ -87,6 +90,10 @@ class Args:
     """nucleus sampling threshold (paper: 0.9)"""
     max_new_tokens: int = 1024
     """length limit of a response; a response cut by it gets reward 0 (paper: 1024)"""
+    step_split: str = "line"
+    """how responses are cut into steps: 'line' = the task's rule (paper), 'tokens' = fixed-size token chunks"""
+    step_chunk_tokens: int = 8
+    """tokens per step with --step-split tokens"""
     max_states_per_response: int = 25
     """only the first this-many states of a response are valued; later steps get advantage 0 (official: 25)"""
     rollout_batch_size: int = 256
@@ -137,6 +144,8 @@ class Args:
     """samples per held-out problem for pass@1 (paper: 16)"""
     eval_temperature: float = 0.35
     """sampling temperature of evaluation (paper: 0.35)"""
+    show_credit: int = 0
+    """at every evaluation, print this many of the iteration's responses step by step with V(s) and advantages"""
 
     # --- built-in task
     train_problems: int = 4000
@@ -185,7 +194,9 @@ def _field_docs(cls) -> dict[str, str]:
 
 def parse_args(argv: list[str] | None = None) -> Args:
     """Build Args from the command line: dataclass defaults <- demo overrides (tiny model) <- flags."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS,
+                                     epilog="python vineppo.py --plot RUN_DIR [RUN_DIR ...] [--output FILE] overlays "
+                                            "the curves of finished runs (see --plot --help)")
     docs = {name: doc.replace("%", "%%") for name, doc in _field_docs(Args).items()}  # argparse formats with %
     for f in fields(Args):
         flag = "--" + f.name.replace("_", "-")
@@ -239,8 +250,10 @@ def resumed_args(args: Args, given: dict) -> Args:
 def check_args(args: Args) -> None:
     """Refuse impossible settings with one line that says what to do."""
     problems = []
-    if args.critic not in ("mc", "value"):
-        problems.append(f"--critic must be 'mc' or 'value', got {args.critic!r}")
+    if args.critic not in ("mc", "value", "grpo", "rloo"):
+        problems.append(f"--critic must be 'mc' or 'value' (or the baselines 'grpo', 'rloo'), got {args.critic!r}")
+    if args.step_split not in ("line", "tokens"):
+        problems.append(f"--step-split must be 'line' or 'tokens', got {args.step_split!r}")
     if args.task not in ("arith", "gsm8k", "math"):
         problems.append(f"unknown --task {args.task!r}: use arith (built-in), gsm8k or math")
     if args.model.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(args.model)):
@@ -249,7 +262,9 @@ def check_args(args: Args) -> None:
         problems.append("--dataset-path needs --task gsm8k or --task math (the arith task is generated)")
     if args.validation_size < -1:
         problems.append(f"--validation-size must be -1 (paper default) or at least 0, got {args.validation_size}")
-    for name in ("mc_rollouts", "iterations", "prompts_per_iteration", "samples_per_prompt", "max_new_tokens",
+    if args.iterations < 0 or args.show_credit < 0:
+        problems.append("--iterations and --show-credit cannot be negative")
+    for name in ("mc_rollouts", "step_chunk_tokens", "prompts_per_iteration", "samples_per_prompt", "max_new_tokens",
                  "max_states_per_response", "rollout_batch_size", "epochs", "minibatch_size", "micro_batch_size",
                  "sft_batch_size", "eval_every", "eval_samples", "train_problems", "test_problems",
                  "max_nonfinite_steps"):
@@ -779,6 +794,16 @@ def step_token_starts(decode, response_ids: list[int], steps: list[str]) -> list
     return starts
 
 
+def chunk_starts(n_text_tokens: int, chunk: int) -> list[int]:
+    """The exercise's alternative to lines (--step-split tokens): a new step every `chunk` tokens, wherever
+    it falls (mid-number, mid-word). The EOS token, after the n_text_tokens, joins the last step.
+
+    >>> chunk_starts(10, 4), chunk_starts(0, 4)
+    ([0, 4, 8], [0])
+    """
+    return list(range(0, max(1, n_text_tokens), chunk))
+
+
 # ============================================================================================
 # Sampling with `generate`
 # ============================================================================================
@@ -795,7 +820,7 @@ class Episode:
     # token position where each step begins; a step that owns no token is merged into the next, so this
     # list can be shorter than `steps`
     step_starts: list[int] = field(default_factory=list)
-    step_values: list[float] = field(default_factory=list)  # V(s_i), Monte Carlo critic only
+    step_values: list[float] = field(default_factory=list)  # V(s_i) at step starts: MC, or the critic's (shown)
     token_advantages: list[float] = field(default_factory=list)  # one per response token
 
 
@@ -974,6 +999,49 @@ def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tens
         advantages[:, t] = running
     advantages = advantages * mask
     return advantages, (advantages + values) * mask
+
+
+# ============================================================================================
+# Credit assignment without a critic: GRPO and RLOO baselines (one advantage per response)
+# ============================================================================================
+def group_advantages(rewards: list[float], groups: list[int], method: str) -> list[float]:
+    """One advantage per response from the other samples of its problem (its group); no value of any state.
+
+    'grpo' (Shao et al. 2024, DeepSeekMath): A = (R - mean of the group) / (std of the group + 1e-4),
+    with the sample std (n - 1), as TRL computes it. 'rloo' (Ahmadian et al. 2024): A = R - mean of the
+    OTHER responses of the group. A group of one, or a group whose rewards are all equal, gets 0.
+
+    >>> group_advantages([1.0, 0.0, 0.0, 0.0], [0, 0, 0, 0], "rloo")
+    [1.0, -0.3333333333333333, -0.3333333333333333, -0.3333333333333333]
+    >>> group_advantages([1.0, 1.0, 0.0], [0, 0, 1], "grpo")
+    [0.0, 0.0, 0.0]
+    """
+    if method not in ("grpo", "rloo"):
+        raise ValueError(f"method must be 'grpo' or 'rloo', got {method!r}")
+    members: dict[int, list[float]] = {}
+    for reward, group in zip(rewards, groups):
+        members.setdefault(group, []).append(reward)
+    advantages = []
+    for reward, group in zip(rewards, groups):
+        rs = members[group]
+        n, mean = len(rs), sum(rs) / len(rs)
+        if n == 1:
+            advantages.append(0.0)  # no other sample to compare with
+        elif method == "grpo":
+            std = math.sqrt(sum((r - mean) ** 2 for r in rs) / (n - 1))
+            advantages.append((reward - mean) / (std + 1e-4))
+        else:  # rloo
+            advantages.append(reward - (sum(rs) - reward) / (n - 1))  # leave-one-out mean
+    return advantages
+
+
+def assign_group_advantages(episodes: list[Episode], method: str) -> dict:
+    """GRPO / RLOO credit: every token of a response gets that response's advantage (the EOS too)."""
+    advantages = group_advantages([e.reward for e in episodes], [e.problem_index for e in episodes], method)
+    for e, advantage in zip(episodes, advantages):
+        e.step_values = []  # no state is valued
+        e.token_advantages = [advantage] * len(e.response_ids)
+    return {"tokens/mc": 0, "group/advantage_abs": sum(map(abs, advantages)) / len(advantages)}
 
 
 # ============================================================================================
@@ -1307,8 +1375,12 @@ def sample_episodes(model, tokenizer, problems: list[dict], indices: list[int], 
     for owner, (ids, ended) in zip(owners, outputs):
         text = decode(ids)
         reward = reward_of(args.task, text, ended, problems[owner]["answer"])
-        steps = split_response(args.task, text)
-        starts = step_token_starts(decode, ids, steps)
+        if args.step_split == "tokens":  # exercise: fixed-size token chunks instead of the task's steps
+            starts = chunk_starts(len(ids) - ended, args.step_chunk_tokens)
+            steps = [decode(ids[a:b]) for a, b in zip(starts, starts[1:] + [len(ids)])]
+        else:
+            steps = split_response(args.task, text)
+            starts = step_token_starts(decode, ids, steps)
         assert 0.0 <= reward <= 1.0
         episodes.append(Episode(owner, prompts[owner], ids, text, reward, truncated=not ended, steps=steps, step_starts=starts))
     return episodes
@@ -1447,6 +1519,147 @@ def explained_variance(predicted: torch.Tensor, target: torch.Tensor, mask: torc
 
 
 # ============================================================================================
+# Seeing the credit: a step-by-step view of one response, and figures of a run
+# ============================================================================================
+def store_critic_credit(episodes: list[Episode], token_advs: torch.Tensor, token_values: torch.Tensor) -> None:
+    """--critic value: keep, per response, the critic's V(s) at each step start and the GAE advantage of
+    each token, exactly as the update uses them, so the credit view reads both methods the same way.
+    token_advs, token_values: [B, T], right-aligned like collate's responses."""
+    for b, e in enumerate(episodes):
+        n = len(e.response_ids)
+        e.token_advantages = token_advs[b, token_advs.shape[1] - n:].tolist()
+        e.step_values = [token_values[b, token_values.shape[1] - n + t].item() for t in e.step_starts]
+
+
+def credit_rows(tokenizer, episode: Episode) -> list[dict]:
+    """One row per step of a graded response: its text, V(s) before it, V after it (the reward R after
+    the last step: V(terminal) = 0), and its advantage = the mean of its tokens' advantages as the update
+    used them, before whitening. With --critic mc that mean IS the step advantage A_i = after - before;
+    with --critic value (GAE, gamma = lambda = 1) each token gets R - V(s_t); with grpo / rloo every step
+    gets the response's advantage. A value not estimated (the 25-state cap, grpo, rloo) is None."""
+    starts, ids, values = episode.step_starts, episode.response_ids, episode.step_values
+    assert len(episode.token_advantages) == len(ids), "credit the episode first (one advantage per token)"
+    ends = starts[1:] + [len(ids)]
+    before = [values[i] if i < len(values) else None for i in range(len(starts))]
+    after = before[1:] + [episode.reward]
+    return [{"text": decode_response(tokenizer, ids[a:b]), "value_before": v0, "value_after": v1,
+             "advantage": sum(episode.token_advantages[a:b]) / (b - a)}
+            for a, b, v0, v1 in zip(starts, ends, before, after)]
+
+
+def format_credit(tokenizer, episode: Episode, *, problem: dict | None = None, color: bool = False) -> str:
+    """The credit view of one response: each step on its own line with V(s) before it, V after it and its
+    signed advantage (green up, red down when `color`), then the final answer and its reward.
+
+    From Python, on a solution of your own (see README, "Exercises"):
+        e = episode_from_text(tokenizer, problem, "\\n7*2=9\\n9-8=1\\n#### 1", task="arith")
+        assign_mc_advantages(model, tokenizer, [e], [problem], args)   # fills e.step_values, e.token_advantages
+        print(format_credit(tokenizer, e, problem=problem))
+    """
+    paint = (lambda text, adv: f"\033[{32 if adv > 0 else 31}m{text}\033[0m" if color and adv != 0 else text)
+    number = lambda v: "   -" if v is None else f"{v:4.2f}"  # noqa: E731
+    lines = [f"problem: {problem['problem']} (gold {problem['answer']})"] if problem else []
+    lines.append("  V before -> after | advantage | step")
+    for row in credit_rows(tokenizer, episode):
+        step = row["text"].strip("\n").replace("\n", "\\n")  # a step starts with its newline; show the rest
+        lines.append(paint(f"      {number(row['value_before'])} -> {number(row['value_after'])} | "
+                           f"{row['advantage']:+9.3f} | {step}", row["advantage"]))
+    answer = extract_gsm8k_answer(episode.text) if "####" in episode.text else last_boxed(episode.text)
+    lines.append(f"  answer {answer} | reward {episode.reward:g}" + (" (cut by the length limit)" if episode.truncated else ""))
+    return "\n".join(lines)
+
+
+def episode_from_text(tokenizer, problem: dict, text: str, *, task: str, index: int = 0) -> Episode:
+    """An Episode for a solution you write yourself (it ends with EOS), graded and split like a sampled
+    one, so `assign_mc_advantages` and `format_credit` work on it. `index` is the problem's position in
+    the list of problems given to `assign_mc_advantages`."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    steps = split_response(task, text)
+    starts = step_token_starts(functools.partial(decode_response, tokenizer), ids, steps)
+    return Episode(index, encode_prompt(tokenizer, problem["problem"]), ids, text,
+                   grade(task, text, problem["answer"]), False, steps=steps, step_starts=starts)
+
+
+def credit_examples(episodes: list[Episode], n: int) -> list[Episode]:
+    """Which responses --show-credit N prints: one per problem, for the first N problems in batch order,
+    taking problems that have a failed response first and, in each, its first failed response (where
+    the credit is interesting); the first response when all of a problem's responses are right."""
+    groups: dict[int, list[Episode]] = {}
+    for e in episodes:
+        groups.setdefault(e.problem_index, []).append(e)
+    ordered = sorted(groups.values(), key=lambda g: all(e.reward == 1 for e in g))  # stable: failures first
+    return [next((e for e in g if e.reward < 1), g[0]) for g in ordered[:n]]
+
+
+def print_credit(tokenizer, episodes: list[Episode], problems: list[dict], iteration: int, args: Args) -> None:
+    """--show-credit N: the credit view of N of this iteration's responses (see `credit_examples`)."""
+    tqdm.write(f"credit view, iteration {iteration}, --critic {args.critic} (advantage: mean over the step's "
+               f"tokens, as the update used it, before whitening)")
+    for e in credit_examples(episodes, args.show_credit):
+        tqdm.write(format_credit(tokenizer, e, problem=problems[e.problem_index], color=sys.stdout.isatty()))
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        sys.exit(f"error: {run_dir} has no metrics.jsonl; give output directories of vineppo.py runs")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(run_dirs: list[str], path: str, labels: list[str] | None = None) -> str:
+    """Eval pass@1 and train reward of each run against RL iteration, wall-clock seconds of RL (after SFT
+    and the first evaluation) and tokens generated (responses + Monte Carlo rollouts): the paper compares
+    methods per unit of compute, not per iteration. Writes a PNG; matplotlib is imported only here."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no window
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(2, 3, figsize=(15, 8), squeeze=False)
+    for run_dir, label in zip(run_dirs, labels or [os.path.basename(os.path.normpath(d)) for d in run_dirs]):
+        records, tokens = read_metrics(run_dir), 0
+        xs = {"iteration": [], "seconds": [], "tokens": []}
+        for r in records:
+            tokens += r.get("tokens/rollout", 0) + r.get("tokens/mc", 0)
+            xs["iteration"].append(r["iteration"])
+            xs["seconds"].append(r.get("time/elapsed_s", 0.0))
+            xs["tokens"].append(tokens)
+        for row, key in enumerate(["eval/pass@1", "train/reward_mean"]):
+            for col, x_name in enumerate(xs):
+                points = [(x, r[key]) for x, r in zip(xs[x_name], records) if key in r]
+                if points:
+                    axes[row][col].plot(*zip(*points), marker="o" if row == 0 else None, markersize=3, label=label)
+    for col, x_label in enumerate(["RL iteration", "wall-clock seconds of RL", "generated tokens (responses + MC)"]):
+        for row, y_label in enumerate(["eval pass@1", "train reward (mean)"]):
+            axes[row][col].set_xlabel(x_label)
+            axes[row][col].set_ylabel(y_label)
+            axes[row][col].grid(alpha=0.3)
+    axes[0][0].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def plot_command(argv: list[str]) -> str:
+    """python vineppo.py --plot runs/a runs/b [--output FILE]: overlay finished (or running) runs."""
+    parser = argparse.ArgumentParser(prog="vineppo.py --plot", description=plot_command.__doc__)
+    parser.add_argument("--plot", nargs="*", required=True, metavar="RUN_DIR", help="output directories of runs")
+    parser.add_argument("--output", default="compare.png", help="the PNG to write (default: compare.png)")
+    options = parser.parse_args(argv)
+    if not options.plot:
+        sys.exit("error: --plot needs at least one run directory, e.g. --plot runs/arith-mc-seed0 runs/arith-value-seed0")
+    try:
+        path = plot_curves(options.plot, options.output)
+    except ImportError:
+        sys.exit("error: --plot needs matplotlib; pip install matplotlib")
+    except (OSError, ValueError) as error:  # ValueError: a file type matplotlib cannot write
+        sys.exit(f"error: cannot write --output {options.output!r} ({str(error).splitlines()[0]}); choose a writable .png path")
+    print(f"wrote {path}")
+    return path
+
+
+# ============================================================================================
 # Main: set up, warm up, then iterate
 # ============================================================================================
 def check_output_dir(args: Args) -> None:
@@ -1573,6 +1786,9 @@ def rewrite_metrics(args: Args, history: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--plot" in argv:  # not a run: draw the curves of finished runs into one figure and stop
+        return {"figure": plot_command(argv)}
     args = parse_args(argv)
     random.seed(args.seed)  # seeding in one place
     torch.manual_seed(args.seed)
@@ -1654,13 +1870,17 @@ def main(argv: list[str] | None = None) -> dict:
             if args.critic == "mc":
                 record.update(assign_mc_advantages(policy, tokenizer, episodes, train, args))
                 advantages, returns = right_aligned([e.token_advantages for e in episodes], batch["response_mask"].shape[1]), None
-            else:
+            elif args.critic == "value":
                 rewards = right_aligned([[0.0] * (len(e.response_ids) - 1) + [e.reward] for e in episodes],
                                         batch["response_mask"].shape[1])  # R on the last response token
                 advantages, returns = gae_advantages(rewards, fixed["values_old"], batch["response_mask"],
                                                      gamma=args.gamma, lam=args.gae_lambda)
                 record["tokens/mc"] = 0
                 record["value/explained_variance"] = explained_variance(fixed["values_old"], returns, batch["response_mask"])
+                store_critic_credit(episodes, advantages, fixed["values_old"])  # for the credit view
+            else:  # grpo, rloo: one advantage per response, from its group; no value of any state
+                record.update(assign_group_advantages(episodes, args.critic))
+                advantages, returns = right_aligned([e.token_advantages for e in episodes], batch["response_mask"].shape[1]), None
             record["time/credit_s"] = time.time() - start
 
             # 3. PPO update, identical for both methods
@@ -1687,12 +1907,15 @@ def main(argv: list[str] | None = None) -> dict:
                 save_checkpoint(args, iteration, policy, reference, value_model, optimizers, schedulers, sampler, history)
                 saved_at = iteration
             extra = (f"mc_std {record['mc/value_std']:.2f}" if args.critic == "mc"
-                     else f"v_loss {record['losses/value_loss']:.3f} ev {record['value/explained_variance']:.2f}")
+                     else f"v_loss {record['losses/value_loss']:.3f} ev {record['value/explained_variance']:.2f}"
+                     if args.critic == "value" else f"|A| {record['group/advantage_abs']:.2f}")
             evaluated = f" | pass@1 {record['eval/pass@1']:.3f}" if "eval/pass@1" in record else ""
             tqdm.write(f"iter {iteration:3d} | reward {record['train/reward_mean']:.3f}{evaluated} | "
                        f"pg {record['losses/policy_loss']:+.4f} kl {record['losses/kl']:.4f} "
                        f"clip {record['losses/clipfrac']:.3f} | {extra} | rollout {record['time/rollout_s']:.1f}s "
                        f"credit {record['time/credit_s']:.1f}s update {record['time/update_s']:.1f}s")
+            if args.show_credit and "eval/pass@1" in record:
+                print_credit(tokenizer, episodes, train, iteration, args)
             if stop.received:
                 print(f"stopped by {signal.Signals(stop.received).name} after iteration {iteration}: checkpoint saved "
                       f"to {os.path.join(args.output_dir, 'checkpoint.pt')}; continue with: python vineppo.py "
@@ -1702,6 +1925,10 @@ def main(argv: list[str] | None = None) -> dict:
         stop.restore()
 
     final = save_final(policy, tokenizer, value_model, args)
+    try:
+        plot_curves([args.output_dir], os.path.join(args.output_dir, "curves.png"))
+    except ImportError:
+        print("matplotlib is not installed: no curves.png (pip install matplotlib)")
     print(f"pass@1 before RL {before:.3f} -> after RL {after:.3f} ({after - before:+.3f}) | "
           f"{args.iterations} iterations in {time.time() - run_start:.0f}s | checkpoint {final}")
     return {"before": before, "after": after, "history": history[1:], "final_dir": final, "policy": policy,
