@@ -8,6 +8,7 @@ Kazemnejad et al., "VinePPO: Refining Credit Assignment in RL Training of LLMs" 
     python vineppo.py --model Qwen2.5-0.5B --task math     # MATH (train 12k - MATH500, test MATH500)
     python vineppo.py --show-credit 2        # also print 2 responses step by step: V(s) and advantages
     python vineppo.py --plot runs/a runs/b   # overlay the curves of finished runs (each run writes curves.png)
+    python vineppo.py --resume               # continue a stopped run (Ctrl-C saves a checkpoint first)
 
 The file reads top to bottom in the order the algorithm runs:
     Args -> task (problems, prompt, grading) -> step splitting -> sampling with `generate`
@@ -34,6 +35,7 @@ import re
 import shutil
 import signal
 import sys
+import threading
 import time
 import zlib
 from dataclasses import asdict, dataclass, field, fields
@@ -1741,8 +1743,9 @@ class StopSignals:
     a second one exits at once (the last checkpoint stays intact: checkpoints are written atomically)."""
 
     def __init__(self):
-        self.received = None
-        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.received, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def handle(self, signum, frame):
         if self.received is not None:
