@@ -239,7 +239,9 @@ def resumed_args(args: Args, given: dict) -> Args:
         saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["args"]
     except Exception as error:  # noqa: BLE001 - any unreadable file gets the same one-line answer
         sys.exit(f"error: cannot read the checkpoint {path} ({type(error).__name__}); resume from another one")
-    changed = [name for name, value in given.items() if name not in RESUME_MAY_CHANGE and value != saved.get(name)]
+    given = {**given, "model": resolve_model_name(given["model"])} if "model" in given else given  # as saved
+    changed = [name for name, value in given.items() if name not in RESUME_MAY_CHANGE and value != saved.get(name)
+               and not (name == "task" and value == "auto")]
     if changed:
         sys.exit(f"error: a resumed run keeps its settings; drop {', '.join('--' + n.replace('_', '-') for n in changed)} "
                  f"(only {', '.join('--' + n.replace('_', '-') for n in RESUME_MAY_CHANGE[2:])} may change)")
@@ -627,27 +629,38 @@ _sympy_pool = None
 def sympy_equal(a: str, b: str) -> bool:
     """sympy equivalence of two normalised answers, in a separate worker process with a time limit: a
     huge power like 9^{9^{9}} blocks inside C code, where no signal can stop it, so on timeout the worker
-    is killed (and restarted on the next call) and the answers count as not equal."""
+    is killed (and restarted on the next call) and TimeoutError is raised: `grade_math` scores it 0, and
+    `math_equal`'s cache does not keep it, so a worker killed by chance never leaves a wrong grade behind."""
     global _sympy_pool
     x, y = latex_to_sympy(a), latex_to_sympy(b)
     if x is None or y is None:
         return False
     if _sympy_pool is None:
         methods = multiprocessing.get_all_start_methods()
-        _sympy_pool = multiprocessing.get_context("fork" if "fork" in methods else "spawn").Pool(1)
+        _sympy_pool = multiprocessing.get_context("fork" if "fork" in methods else "spawn").Pool(
+            1, initializer=_ignore_stop_signals)
         atexit.register(_sympy_pool.terminate)
     try:
         return _sympy_pool.apply_async(_sympy_equal_worker, (x, y)).get(SYMPY_TIMEOUT_S)
     except multiprocessing.TimeoutError:
         _sympy_pool.terminate()
         _sympy_pool = None
-        return False
+        raise TimeoutError(f"sympy took over {SYMPY_TIMEOUT_S} s") from None  # not cached by math_equal
+
+
+def _ignore_stop_signals() -> None:
+    """The grading worker leaves Ctrl-C to the main process (which finishes its iteration). It keeps
+    SIGTERM: that is how the pool kills a worker stuck past the time limit."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def grade_math(text: str, gold: str) -> float:
     """Reward 1.0 if the response's last \\boxed{} answer is equivalent to the gold answer (paper), else 0."""
     predicted = last_boxed(text)
-    return float(predicted is not None and math_equal(normalize_math_answer(predicted), normalize_math_answer(gold)))
+    try:
+        return float(predicted is not None and math_equal(normalize_math_answer(predicted), normalize_math_answer(gold)))
+    except TimeoutError:  # an expression sympy cannot settle in time counts as not equal
+        return 0.0
 
 
 def grade(task: str, text: str, gold: str) -> float:
@@ -1446,13 +1459,14 @@ def precompute(policy, reference, value_model, batch: dict, args: Args, device) 
 
 
 def ppo_update(policy, value_model, optimizers, schedulers, batch: dict, fixed: dict, advantages: torch.Tensor,
-               returns: torch.Tensor | None, args: Args, device) -> dict:
+               returns: torch.Tensor | None, args: Args, device, nonfinite_in_a_row: int = 0) -> dict:
     """The PPO update shared by both methods (paper appendix): `epochs` passes, shuffled minibatches of
     responses, token advantages whitened per minibatch, clipped surrogate averaged over tokens, plus beta
-    times the k3 KL to the reference summed per response and averaged over responses."""
+    times the k3 KL to the reference summed per response and averaged over responses.
+    nonfinite_in_a_row: non-finite steps that ended the previous update (the streak spans iterations)."""
     totals = {"policy_loss": 0.0, "kl": 0.0, "clipped": 0.0, "approx_kl": 0.0, "tokens": 0.0, "value_loss": 0.0,
               "steps": 0, "skipped": 0, "nonfinite": 0}
-    n_responses, nonfinite_in_a_row = len(batch["input_ids"]), 0
+    n_responses = len(batch["input_ids"])
     trained = [model for model in (policy, value_model) if model is not None]
     for model in trained:  # train() only to let checkpointing run; dropout is zeroed
         model.train(args.gradient_checkpointing)
@@ -1509,7 +1523,8 @@ def ppo_update(policy, value_model, optimizers, schedulers, batch: dict, fixed: 
            "losses/kl": totals["kl"] / steps,  # k3 KL to the frozen reference, per response (the loss term)
            "losses/approx_kl": totals["approx_kl"] / max(1.0, totals["tokens"]),  # pi_old -> pi, per token
            "losses/clipfrac": totals["clipped"] / max(1.0, totals["tokens"]), "losses/skipped_minibatches": totals["skipped"],
-           "losses/nonfinite_steps": totals["nonfinite"]}  # skipped: a non-finite loss or gradient
+           "losses/nonfinite_steps": totals["nonfinite"],  # skipped: a non-finite loss or gradient
+           "losses/nonfinite_in_a_row": nonfinite_in_a_row}  # the streak at the end, carried to the next update
     if value_model is not None:
         out["losses/value_loss"] = totals["value_loss"] / steps
     return out
@@ -1668,7 +1683,8 @@ def check_output_dir(args: Args) -> None:
     """Before anything is loaded: refuse a directory that holds a run (unless --overwrite or --resume) or
     that cannot be written. Nothing is created yet, so a run that fails while loading leaves nothing."""
     held = [name for name in ("metrics.jsonl", "checkpoint.pt", "final") if os.path.exists(os.path.join(args.output_dir, name))]
-    if held and not (args.overwrite or args.resume):
+    own_run = args.resume and os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(args.output_dir)
+    if held and not (args.overwrite or own_run):  # resuming writes into the checkpoint's own run only
         sys.exit(f"error: {args.output_dir} already holds a run ({', '.join(held)}); continue it with --resume, "
                  f"replace it with --overwrite, or choose another --output-dir")
     existing = os.path.abspath(args.output_dir)
@@ -1690,6 +1706,8 @@ def rng_states() -> dict:
     states = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.backends.mps.is_available():
+        states["mps"] = torch.mps.get_rng_state()
     if "numpy" in sys.modules:
         states["numpy"] = sys.modules["numpy"].random.get_state()
     return states
@@ -1700,6 +1718,8 @@ def set_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+    if "mps" in states and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(states["mps"])
     if "numpy" in states:
         import numpy
         numpy.random.set_state(states["numpy"])
@@ -1801,6 +1821,9 @@ def main(argv: list[str] | None = None) -> dict:
     checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False) if args.resume else None
 
     train, validation, test = load_task(args)
+    if args.prompts_per_iteration > len(train):
+        sys.exit(f"error: --prompts-per-iteration {args.prompts_per_iteration} is more than the {len(train)} training "
+                 f"problems; lower it or give more data")
     cap = lambda problems: problems[:args.eval_problems] if args.eval_problems else problems  # noqa: E731
     test, validation = cap(test), (cap(validation) if validation is not test else [])  # [] = no separate one
     policy, tokenizer = load_model_and_tokenizer(args, device)
@@ -1889,8 +1912,8 @@ def main(argv: list[str] | None = None) -> dict:
             # 3. PPO update, identical for both methods
             start = time.time()
             try:
-                record.update(ppo_update(policy, value_model, optimizers, schedulers, batch, fixed, advantages,
-                                         returns, args, device))
+                record.update(ppo_update(policy, value_model, optimizers, schedulers, batch, fixed, advantages, returns,
+                                         args, device, history[-1].get("losses/nonfinite_in_a_row", 0)))
             except FloatingPointError as error:  # the NaN never reached the weights or a checkpoint
                 sys.exit(f"error: {error} in iteration {iteration}; the last good checkpoint is "
                          f"{os.path.join(args.output_dir, 'checkpoint.pt')} (iteration {saved_at}): resume it "

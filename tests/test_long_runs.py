@@ -97,6 +97,14 @@ def test_resume_refuses_changed_settings_and_missing_checkpoints(tmp_path):
     assert args.iterations == 5 and args.lr == 1e-3 and args.resume == str(tmp_path / "checkpoint.pt")
     with pytest.raises(SystemExit, match="no checkpoint at"):
         vineppo.parse_args(["--output-dir", str(tmp_path / "elsewhere"), "--resume"])
+    # the command that started the run, repeated with --resume, is accepted (--task auto, the model name)
+    assert vineppo.parse_args(["--output-dir", str(tmp_path), "--resume", "--task", "auto", "--model", "tiny"]).resume
+    # resuming into ANOTHER run's directory would overwrite it: refused
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "metrics.jsonl").write_text('{"iteration": 0}\n')
+    with pytest.raises(SystemExit, match="already holds a run"):
+        vineppo.main(["--resume", str(tmp_path / "checkpoint.pt"), "--output-dir", str(other)])
 
 
 def run_cli(*flags, cwd, **kwargs):
@@ -176,6 +184,18 @@ def test_nans_in_a_row_stop_the_run_with_the_last_good_checkpoint(tmp_path, monk
         assert torch.isfinite(weight).all() and torch.equal(weight, checkpoint["reference"][name]), name
 
 
+def test_the_nonfinite_streak_spans_iterations(tmp_path, monkeypatch):
+    """One optimizer step per iteration (1 epoch, one minibatch), NaN every time: the third in a row stops
+    the run, although no single iteration had three."""
+    monkeypatch.setattr(vineppo, "grade_gsm8k", parity_grader)
+    poison_k3(monkeypatch, set(range(1, 10_000)))
+    with pytest.raises(SystemExit) as stopped:
+        vineppo.main(RUN + ["--epochs", "1", "--minibatch-size", "16", "--micro-batch-size", "16",
+                            "--output-dir", str(tmp_path)])
+    assert "3 optimizer steps in a row" in str(stopped.value.code) and "in iteration 3" in str(stopped.value.code)
+    assert [r["losses/nonfinite_in_a_row"] for r in metrics(tmp_path)[1:]] == [1, 2]
+
+
 # ============================================================================================
 # 5. Bad input: one line that says what to do, a non-zero exit, nothing written
 # ============================================================================================
@@ -213,10 +233,12 @@ def bad_inputs(tmp: Path) -> dict:
                                      "no row with a problem and a gold final answer"),
         "output dir holds a run": (["--output-dir", str(tmp / "taken")], "already holds a run"),
         "output dir not writable": (["--output-dir", str(tmp / "a_file" / "run")], "cannot write to --output-dir"),
-        "prompt longer than the context": (gsm8k + [",".join([jsonl(tmp / "long.jsonl", [{**GSM8K_ROW, "question": "x" * 600}])] * 2)],
+        "prompt longer than the context": (["--prompts-per-iteration", "1", "--minibatch-size", "8"] + gsm8k + [",".join([jsonl(tmp / "long.jsonl", [{**GSM8K_ROW, "question": "x" * 600}])] * 2)],
                                            "exceeds the model's context of 512 tokens"),
         "resume without a checkpoint": (["--output-dir", str(tmp / "fresh"), "--resume"], "no checkpoint at"),
         "cuda without CUDA": (["--device", "cuda"], "no CUDA GPU"),
+        "more prompts per iteration than problems": (["--train-problems", "10", "--prompts-per-iteration", "64"],
+                                                     "training problems; lower it"),
     }
 
 
@@ -224,7 +246,7 @@ BAD_INPUTS = ["unknown model", "missing model directory", "unknown task", "K < 1
               "minibatch larger than the batch", "negative save interval", "empty dataset", "missing dataset file",
               "dataset file not JSON", "dataset lacks fields", "no row has a gold answer", "output dir holds a run",
               "output dir not writable", "prompt longer than the context", "resume without a checkpoint",
-              "cuda without CUDA"]
+              "cuda without CUDA", "more prompts per iteration than problems"]
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
@@ -287,6 +309,17 @@ def fuzz_strings(n: int, seed: int = 0) -> list[str]:
     texts += ["\\boxed{" * 3000 + "1" + "}" * 3000, "(" * 3000 + "1,2" + ")" * 3000, "{" * 5000, "$" * 5001,
               "\\frac{" * 2000, "####" + "9" * 5000, "\n" * 5000, "".join(map(chr, range(0x2000, 0x3000)))]
     return texts
+
+
+def test_ctrl_c_never_reaches_the_sympy_worker():
+    """Ctrl-C goes to the whole process group; the grading worker must ignore it (the main process decides),
+    or the answer it was checking would time out and count as wrong."""
+    assert vineppo.grade_math("$\\boxed{2\\sqrt{2}}$", "\\sqrt{8}") == 1.0  # starts the worker
+    worker = vineppo._sympy_pool._pool[0]
+    os.kill(worker.pid, signal.SIGINT)
+    time.sleep(0.5)
+    assert worker.is_alive()
+    assert vineppo.grade_math("$\\boxed{3\\sqrt{3}}$", "\\sqrt{27}") == 1.0
 
 
 def test_graders_and_splitters_survive_any_string():
