@@ -638,7 +638,7 @@ def sympy_equal(a: str, b: str) -> bool:
     if _sympy_pool is None:
         methods = multiprocessing.get_all_start_methods()
         _sympy_pool = multiprocessing.get_context("fork" if "fork" in methods else "spawn").Pool(
-            1, initializer=_ignore_stop_signals)
+            1, initializer=_ignore_ctrl_c)
         atexit.register(_sympy_pool.terminate)
     try:
         return _sympy_pool.apply_async(_sympy_equal_worker, (x, y)).get(SYMPY_TIMEOUT_S)
@@ -648,7 +648,7 @@ def sympy_equal(a: str, b: str) -> bool:
         raise TimeoutError(f"sympy took over {SYMPY_TIMEOUT_S} s") from None  # not cached by math_equal
 
 
-def _ignore_stop_signals() -> None:
+def _ignore_ctrl_c() -> None:
     """The grading worker leaves Ctrl-C to the main process (which finishes its iteration). It keeps
     SIGTERM: that is how the pool kills a worker stuck past the time limit."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
