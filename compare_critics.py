@@ -20,7 +20,6 @@ The file reads top to bottom in the order the analysis runs:
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import math
@@ -90,15 +89,7 @@ PAPER = {"value network": "MAE 0.11; ranking near chance", "MC K=9": "MAE 0.03; 
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
-    docs = {name: doc.replace("%", "%%") for name, doc in vineppo._field_docs(Args).items()}
-    for f in fields(Args):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            parser.add_argument(flag, action="store_true", help=docs[f.name])
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type]
-            parser.add_argument(flag, type=kind, metavar=f.name.upper(), help=f"{docs[f.name]} (default: {f.default!r})")
+    parser = vineppo.dataclass_parser(Args, __doc__.split("\n")[0])
     given = vars(parser.parse_args(argv))  # only the flags the user typed
     values = {} if given.get("run") else dict(DEMO_OVERRIDES)  # a flag given on the command line still wins
     values.update(given)

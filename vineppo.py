@@ -194,21 +194,29 @@ def _field_docs(cls) -> dict[str, str]:
     return docs
 
 
-def parse_args(argv: list[str] | None = None) -> Args:
-    """Build Args from the command line: dataclass defaults <- demo overrides (tiny model) <- flags."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS,
-                                     epilog="python vineppo.py --plot RUN_DIR [RUN_DIR ...] [--output FILE] overlays "
-                                            "the curves of finished runs (see --plot --help)")
-    docs = {name: doc.replace("%", "%%") for name, doc in _field_docs(Args).items()}  # argparse formats with %
-    for f in fields(Args):
+def dataclass_parser(cls, description: str, *, alone: dict[str, str] | None = None, epilog: str = ""):
+    """One flag per field of the dataclass `cls` (--field-name), its docstring as the help; a flag not
+    typed stays out of the parsed namespace (SUPPRESS). `alone` maps fields whose flag may be given
+    without a value to the value it then takes (`--resume` alone = 'latest'). compare_critics.py uses it too."""
+    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS, epilog=epilog)
+    docs = {name: doc.replace("%", "%%") for name, doc in _field_docs(cls).items()}  # argparse formats with %
+    for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
             parser.add_argument(flag, action="store_true", help=docs[f.name])
-        elif f.name == "resume":  # the one flag with an optional value
-            parser.add_argument(flag, nargs="?", const="latest", metavar="FILE", help=docs[f.name])
+        elif f.name in (alone or {}):
+            parser.add_argument(flag, nargs="?", const=alone[f.name], metavar="FILE", help=docs[f.name])
         else:
             kind = {"int": int, "float": float, "str": str}[f.type]
             parser.add_argument(flag, type=kind, metavar=f.name.upper(), help=f"{docs[f.name]} (default: {f.default!r})")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    """Build Args from the command line: dataclass defaults <- demo overrides (tiny model) <- flags."""
+    parser = dataclass_parser(Args, __doc__.split("\n")[0], alone={"resume": "latest"},
+                              epilog="python vineppo.py --plot RUN_DIR [RUN_DIR ...] [--output FILE] overlays "
+                                     "the curves of finished runs (see --plot --help)")
     given = vars(parser.parse_args(argv))  # only the flags the user typed
     values = dict(TINY_DEMO_OVERRIDES) if given.get("model", Args.model) == "tiny" else {}
     values.update(given)
@@ -1893,10 +1901,13 @@ def main(argv: list[str] | None = None) -> dict:
             start = time.time()
             batch = collate(episodes, tokenizer.pad_token_id)
             fixed = precompute(policy, reference, value_model, batch, args, device)
-            if args.critic == "mc":
-                record.update(assign_mc_advantages(policy, tokenizer, episodes, train, args))
+            if args.critic in ("mc", "grpo", "rloo"):  # each fills e.token_advantages
+                if args.critic == "mc":
+                    record.update(assign_mc_advantages(policy, tokenizer, episodes, train, args))
+                else:  # grpo, rloo: one advantage per response, from its group; no value of any state
+                    record.update(assign_group_advantages(episodes, args.critic))
                 advantages, returns = right_aligned([e.token_advantages for e in episodes], batch["response_mask"].shape[1]), None
-            elif args.critic == "value":
+            else:  # value
                 rewards = right_aligned([[0.0] * (len(e.response_ids) - 1) + [e.reward] for e in episodes],
                                         batch["response_mask"].shape[1])  # R on the last response token
                 advantages, returns = gae_advantages(rewards, fixed["values_old"], batch["response_mask"],
@@ -1904,9 +1915,6 @@ def main(argv: list[str] | None = None) -> dict:
                 record["tokens/mc"] = 0
                 record["value/explained_variance"] = explained_variance(fixed["values_old"], returns, batch["response_mask"])
                 store_critic_credit(episodes, advantages, fixed["values_old"])  # for the credit view
-            else:  # grpo, rloo: one advantage per response, from its group; no value of any state
-                record.update(assign_group_advantages(episodes, args.critic))
-                advantages, returns = right_aligned([e.token_advantages for e in episodes], batch["response_mask"].shape[1]), None
             record["time/credit_s"] = time.time() - start
 
             # 3. PPO update, identical for both methods
