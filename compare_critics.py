@@ -247,29 +247,17 @@ def response_states(episodes: list[vineppo.Episode], max_states: int) -> list[di
     visit: i / (number of steps), 0 for the prompt."""
     states = {}
     for e in episodes:
-        for i, t in enumerate(e.step_starts[:max_states]):
-            state = tuple(e.prompt_ids + e.response_ids[:t])
+        for i, state in enumerate(vineppo.episode_states(e, max_states)):
             states.setdefault(state, {"state": state, "problem": e.problem_index, "prompt_len": len(e.prompt_ids),
                                       "position": i / len(e.step_starts)})
     return list(states.values())
 
 
-def make_rollout(model, tokenizer, records: list[dict], problems: list[dict], run_args: vineppo.Args, batch_size: int,
-                 desc: str):
-    """rollout(prefixes) -> one reward per prefix, as `assign_mc_advantages` samples and grades them: from
-    the policy with the run's temperature and top_p, within the response's remaining length budget,
-    prefix + continuation graded (the answer may straddle the boundary), a cut continuation scores 0."""
-    decode = functools.partial(vineppo.decode_response, tokenizer)
-    info = {r["state"]: (problems[r["problem"]]["answer"], r["prompt_len"]) for r in records}
-
-    def rollout(prefixes):
-        budgets = [run_args.max_new_tokens - (len(p) - info[p][1]) for p in prefixes]
-        outputs = vineppo.sample_continuations(model, [list(p) for p in prefixes], budgets, eos_id=tokenizer.eos_token_id,
-                                               pad_id=tokenizer.pad_token_id, temperature=run_args.temperature,
-                                               top_p=run_args.top_p, batch_size=batch_size, desc=desc)
-        return [vineppo.reward_of(run_args.task, decode(list(p[info[p][1]:]) + ids), ended, info[p][0])
-                for p, (ids, ended) in zip(prefixes, outputs)]
-    return rollout
+def make_rollout(model, tokenizer, records: list[dict], problems: list[dict], run_args: vineppo.Args, desc: str):
+    """rollout(states) -> one reward per state, exactly as `assign_mc_advantages` samples and grades them
+    (`vineppo.mc_rollout`: the run's sampling settings, the response's remaining length budget)."""
+    origin = {r["state"]: (problems[r["problem"]]["answer"], r["prompt_len"]) for r in records}
+    return vineppo.mc_rollout(model, tokenizer, origin, run_args, desc=desc)
 
 
 # ============================================================================================
@@ -296,8 +284,8 @@ def value_network_predictions(value_model, states: list[tuple[int, ...]], pad_id
     device = next(value_model.parameters()).device
     values = []
     for start in range(0, len(states), batch_size):
-        rows = [vineppo.Episode(0, list(s), [], "", 0.0, False) for s in states[start:start + batch_size]]
-        batch = vineppo.collate(rows, pad_id)  # the state as a "prompt" with an empty response
+        rows = [list(s) for s in states[start:start + batch_size]]
+        batch = vineppo.collate(rows, [[] for _ in rows], pad_id)  # the state as a "prompt" with an empty response
         with vineppo.autocast(device):
             out = value_model(batch["input_ids"].to(device), batch["attention_mask"].to(device),
                               batch["position_ids"].to(device))  # [rows, width]
@@ -326,12 +314,10 @@ def find_alternatives(model, tokenizer, records: list[dict], run_args: vineppo.A
     `ranking_states` of them. Returns [{parent record, children: [state, ...]}]."""
     decode = functools.partial(vineppo.decode_response, tokenizer)
     order = random.Random(args.seed).sample(records, len(records))
-    prefixes = [list(r["state"]) for r in order for _ in range(args.alternatives)]
-    budgets = [run_args.max_new_tokens - (len(r["state"]) - r["prompt_len"]) for r in order for _ in range(args.alternatives)]
-    outputs = vineppo.sample_continuations(model, prefixes, budgets, eos_id=tokenizer.eos_token_id,
-                                           pad_id=tokenizer.pad_token_id, top_p=run_args.top_p,
-                                           temperature=args.alternatives_temperature or run_args.temperature,
-                                           batch_size=args.rollout_batch_size, desc="alternative next steps")
+    outputs = vineppo.sample_from_states(model, tokenizer, [r["state"] for r in order for _ in range(args.alternatives)],
+                                         [r["prompt_len"] for r in order for _ in range(args.alternatives)], run_args,
+                                         temperature=args.alternatives_temperature or None,
+                                         desc="alternative next steps")
     kept = []
     for n, r in enumerate(order):
         children = [next_step_state(run_args.task, decode, r["state"], r["prompt_len"], ids)
@@ -496,8 +482,7 @@ def main(argv: list[str] | None = None) -> dict:
     episodes = vineppo.sample_episodes(policy, tokenizer, test, indices, run_args)
     records = response_states(episodes, run_args.max_states_per_response)
     # 2. ground truth, its independent copy, and fresh MC rollouts, for the states...
-    estimate_all(records, make_rollout(policy, tokenizer, records, test, run_args, args.rollout_batch_size,
-                                       "V_gt and MC rollouts (states)"), args)
+    estimate_all(records, make_rollout(policy, tokenizer, records, test, run_args, "V_gt and MC rollouts (states)"), args)
     timings["states_s"] = time.time() - phase
     # 3. ... and for the alternative next steps of the states that have several
     phase = time.time()
@@ -506,7 +491,7 @@ def main(argv: list[str] | None = None) -> dict:
                 for g in ranked for c in g["children"]]
     children = list({c["state"]: c for c in children}.values())
     if children:
-        estimate_all(children, make_rollout(policy, tokenizer, children, test, run_args, args.rollout_batch_size,
+        estimate_all(children, make_rollout(policy, tokenizer, children, test, run_args,
                                             "V_gt and MC rollouts (next steps)"), args)
     by_state = {c["state"]: c for c in children}
     for g in ranked:

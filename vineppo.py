@@ -10,11 +10,10 @@ Kazemnejad et al., "VinePPO: Refining Credit Assignment in RL Training of LLMs" 
     python vineppo.py --plot runs/a runs/b   # overlay the curves of finished runs (each run writes curves.png)
     python vineppo.py --resume               # continue a stopped run (Ctrl-C saves a checkpoint first)
 
-The file reads top to bottom in the order the algorithm runs:
-    Args -> task (problems, prompt, grading) -> step splitting -> sampling with `generate`
-    -> credit assignment (Monte Carlo values | value network + GAE) -> PPO loss -> SFT, evaluation
-    -> training loop -> main.
-The two methods share one trainer: `--critic` changes only where the advantages come from.
+PART I is the method, in the paper's order: Args -> steps -> sampling with `generate` -> credit assignment
+(Monte Carlo values | value network + GAE | GRPO/RLOO) -> the PPO loss and update -> the loop (`main`).
+PART II, behind a fence, holds what a run needs that the paper does not describe. The two methods share
+one trainer: `--critic` changes only where the advantages come from (`assign_credit`).
 """
 
 from __future__ import annotations
@@ -38,6 +37,8 @@ import sys
 import threading
 import time
 import zlib
+from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -46,9 +47,9 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 
-# ============================================================================================
-# Arguments
-# ============================================================================================
+# ############################################################################################
+# PART I: THE METHOD, in the paper's order
+# ############################################################################################
 @dataclass
 class Args:
     model: str = "tiny"
@@ -158,6 +159,668 @@ class Args:
     """built-in task: how often the tutor who wrote the SFT solutions adds where it should multiply"""
 
 
+# ============================================================================================
+# 1. Steps: split a response on its text, then map the steps to tokens (paper section 4)
+# ============================================================================================
+def split_steps(text: str) -> list[str]:
+    """Split a response into reasoning steps on its text; the steps re-join to the text exactly.
+
+    GSM8K rule (paper section 4, official code): one step per line; each later step carries its own leading newline; leading
+    empty lines go into the first step; blank lines go into the step after them; the '#### answer' line
+    and anything after it merge into the last step. There is always at least one step.
+
+    >>> split_steps("\\n7+5=12\\n12*3=36\\n#### 36\\n")
+    ['\\n7+5=12', '\\n12*3=36\\n#### 36\\n']
+    """
+    pieces = []  # cut before every newline: "a\nb" -> ["a", "\nb"]
+    start = 0
+    for i, char in enumerate(text):
+        if char == "\n" and i > 0:
+            pieces.append(text[start:i])
+            start = i
+    pieces.append(text[start:])
+
+    steps, pending, answered = [], "", False  # `pending` holds blank lines waiting for the next real line
+    for piece in pieces:
+        if not piece.strip():
+            pending += piece
+        elif steps and (answered or piece.lstrip().startswith("####")):
+            steps[-1] += pending + piece  # the answer line, and all text after it, join the last step
+            pending = ""
+        else:
+            steps.append(pending + piece)
+            pending = ""
+        answered = answered or piece.lstrip().startswith("####")
+    if pending:
+        if steps:
+            steps[-1] += pending
+        else:
+            steps.append(pending)
+    if not steps:
+        steps = [text]
+    assert "".join(steps) == text, "steps must re-join to the response"
+    return steps
+
+
+def split_response(task: str, text: str) -> list[str]:
+    """The task's step rule: MATH's math-aware rule for 'math' (Part II), one step per line otherwise."""
+    return split_math_steps(text) if task == "math" else split_steps(text)
+
+
+def step_token_starts(decode, response_ids: list[int], steps: list[str]) -> list[int]:
+    """Map step boundaries on the text to token positions of the response, by character offsets.
+
+    Token j starts at the character where decode(ids[:j]) stops agreeing with the text (a byte-level
+    token may end inside a multi-byte character, which decodes to a stray U+FFFD: that partial character
+    is not counted, so it stays with the token that completes it). A token belongs to the step that holds its first
+    character, so step i begins at the first token that starts at or after the step's first character.
+    A token that spans a boundary (BPE merges like ".\\n") stays with the step it starts in. Steps that
+    own no token are merged into the next one. Returns strictly increasing positions, the first 0.
+
+    The states are then the trajectory's own prefixes prompt + ids[:t], never re-tokenized text.
+    """
+    text = "".join(steps)
+    char_starts, position = [], 0
+    for step in steps:
+        char_starts.append(position)
+        position += len(step)
+
+    def first_token_at_or_after(char: int) -> int:  # binary search; decode length grows with j
+        lo, hi = 0, len(response_ids)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(os.path.commonprefix([decode(response_ids[:mid]), text])) >= char:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    starts = [0]
+    for char in char_starts[1:]:
+        t = first_token_at_or_after(char)
+        if starts[-1] < t < len(response_ids):
+            starts.append(t)
+    return starts
+
+
+def chunk_starts(n_text_tokens: int, chunk: int) -> list[int]:
+    """The exercise's alternative to lines (--step-split tokens): a new step every `chunk` tokens, wherever
+    it falls (mid-number, mid-word). The EOS token, after the n_text_tokens, joins the last step.
+
+    >>> chunk_starts(10, 4), chunk_starts(0, 4)
+    ([0, 4, 8], [0])
+    """
+    return list(range(0, max(1, n_text_tokens), chunk))
+
+
+# ============================================================================================
+# 2. Sampling from pi_old with `generate` (paper section 5: T = 0.6, top_p = 0.9)
+# ============================================================================================
+@dataclass
+class Episode:
+    """One sampled response and everything the update needs about it."""
+    problem_index: int
+    prompt_ids: list[int]
+    response_ids: list[int]  # includes the EOS token when the response ended by itself
+    text: str  # decoded response without EOS
+    reward: float
+    truncated: bool  # hit max_new_tokens without EOS (reward 0)
+    steps: list[str] = field(default_factory=list)  # the response text split into steps
+    # token position where each step begins; a step that owns no token is merged into the next, so this
+    # list can be shorter than `steps`
+    step_starts: list[int] = field(default_factory=list)
+    step_values: list[float] = field(default_factory=list)  # V(s_i) at step starts: MC, or the critic's (shown)
+    token_advantages: list[float] = field(default_factory=list)  # one per response token
+
+
+def shared_prefix_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """The KV cache of each row's prompt but its last token, computed ONCE per distinct prompt and copied to
+    the rows that repeat it (the K rollouts of one MC state, the samples of one problem): given it, `generate`
+    runs only the last prompt token and the new ones, so K copies pay one prefill instead of K. Rows never
+    mix and the random stream is untouched, so the samples are the ones `generate` draws without it, up to
+    float rounding (the last prompt token runs as a one-token step: its logits move by ~1e-7, a test checks).
+    None when no row repeats another: nothing to save.
+
+    input_ids, attention_mask: [rows, width], left-padded, on the model's device.
+    """
+    width = input_ids.shape[1]
+    distinct, row_of = torch.unique(torch.cat([input_ids, attention_mask], dim=1), dim=0, return_inverse=True)
+    if len(distinct) == len(input_ids) or width < 2:
+        return None
+    ids, mask = distinct.split(width, dim=1)  # [distinct, width] each
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # numbered as `generate` numbers padded rows
+    cache = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+                  use_cache=True, logits_to_keep=1).past_key_values  # [distinct, heads, width - 1, head_dim] per layer
+    cache.batch_select_indices(row_of)  # [rows, ...]: every row gets the keys and values of its own prompt
+    return cache
+
+
+@torch.inference_mode()
+def sample_continuations(model, prefixes: list[list[int]], budgets: list[int], *, eos_id: int, pad_id: int,
+                         temperature: float, top_p: float, batch_size: int, desc: str = "sampling",
+                         progress: bool = True, share_prefixes: bool = True) -> list[tuple[list[int], bool]]:
+    """Sample one continuation of each prefix with `generate`; returns (new_ids, ended_with_eos) per prefix.
+
+    Rows are sorted by prefix length so each batch pads little (cost follows the padded length), and at
+    most `batch_size` rows go into one call. Row i may add at most budgets[i] tokens; a row that reaches
+    its budget without EOS is returned with ended_with_eos=False. The EOS token is kept in new_ids.
+    Identical prefixes in a call share one prefill (`shared_prefix_cache`; `share_prefixes=False` turns it
+    off, for the benchmark). The rows, their order and the number of decode steps, hence the random stream,
+    stay the same. (Stopping a row at its budget would not: a call that ended earlier would leave the
+    generator elsewhere for the next one.)
+    """
+    device = next(model.parameters()).device
+    order = sorted(range(len(prefixes)), key=lambda i: (len(prefixes[i]), budgets[i]))
+    results: list = [None] * len(prefixes)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for rows in tqdm(batches, desc=desc, leave=False, disable=not progress):
+        input_ids, attention_mask = (t.to(device) for t in left_pad([prefixes[i] for i in rows], pad_id))  # [rows, width]
+        width = input_ids.shape[1]
+        # A fresh GenerationConfig, so nothing from the model's saved one (repetition_penalty, top_k=50, ...)
+        # changes the distribution: samples must come from pi_old at this temperature and top_p, exactly.
+        config = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                                  max_new_tokens=max(budgets[i] for i in rows), eos_token_id=eos_id, pad_token_id=pad_id)
+        with autocast(device):
+            cache = shared_prefix_cache(model, input_ids, attention_mask) if share_prefixes else None
+            output = model.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+                                    generation_config=config)
+        new_tokens = output[:, width:].tolist()  # [rows, <= max budget]
+        for r, i in enumerate(rows):
+            ids = new_tokens[r][:budgets[i]]
+            if eos_id in ids:
+                results[i] = (ids[:ids.index(eos_id) + 1], True)
+            else:
+                results[i] = (ids, False)
+    return results
+
+
+def sample_episodes(model, tokenizer, problems: list[dict], indices: list[int], args: Args) -> list[Episode]:
+    """Sample samples_per_prompt responses per problem from pi_old and grade them; a response cut by the
+    length limit gets reward 0. Then split each into steps and map the steps to tokens."""
+    prompts = {i: encode_prompt(tokenizer, problems[i]["problem"]) for i in indices}
+    owners = [i for i in indices for _ in range(args.samples_per_prompt)]
+    outputs = sample_continuations(model, [prompts[i] for i in owners], [args.max_new_tokens] * len(owners),
+                                   eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                                   temperature=args.temperature, top_p=args.top_p,
+                                   batch_size=args.rollout_batch_size, desc="sampling responses")
+    decode = functools.partial(decode_response, tokenizer)
+    episodes = []
+    for owner, (ids, ended) in zip(owners, outputs):
+        text = decode(ids)
+        reward = reward_of(args.task, text, ended, problems[owner]["answer"])
+        if args.step_split == "tokens":  # exercise: fixed-size token chunks instead of the task's steps
+            starts = chunk_starts(len(ids) - ended, args.step_chunk_tokens)
+            steps = [decode(ids[a:b]) for a, b in zip(starts, starts[1:] + [len(ids)])]
+        else:
+            steps = split_response(args.task, text)
+            starts = step_token_starts(decode, ids, steps)
+        assert 0.0 <= reward <= 1.0
+        episodes.append(Episode(owner, prompts[owner], ids, text, reward, truncated=not ended, steps=steps, step_starts=starts))
+    return episodes
+
+
+# ============================================================================================
+# 3. Credit assignment, VinePPO: Monte Carlo values of the steps' states (paper section 4)
+# ============================================================================================
+def episode_states(e: Episode, max_states: int | None = None) -> list[tuple[int, ...]]:
+    """The states of a response: s_0 = the prompt, s_i = prompt + the response's own first t_i tokens
+    (t_i = where step i starts; never re-tokenized text). Only the first max_states (None: all)."""
+    return [tuple(e.prompt_ids + e.response_ids[:t]) for t in e.step_starts[:max_states]]
+
+
+def sample_from_states(model, tokenizer, states: list[tuple[int, ...]], prompt_lens: list[int], args: Args, *,
+                       temperature: float | None = None, desc: str = "MC rollouts") -> list[tuple[list[int], bool]]:
+    """One continuation of each state from pi_old, with the responses' sampling settings and within what
+    is left of the response's length limit. Returns (new_ids, ended_with_eos) per state."""
+    budgets = [args.max_new_tokens - (len(s) - n) for s, n in zip(states, prompt_lens)]
+    return sample_continuations(model, [list(s) for s in states], budgets, eos_id=tokenizer.eos_token_id,
+                                pad_id=tokenizer.pad_token_id, temperature=temperature or args.temperature,
+                                top_p=args.top_p, batch_size=args.rollout_batch_size, desc=desc)
+
+
+def mc_rollout(model, tokenizer, origin: dict, args: Args, counts: dict | None = None, desc: str = "MC rollouts"):
+    """rollout(states) -> one reward per state, for `mc_values`. origin[state] = (gold answer, prompt length).
+    Prefix + continuation is graded (the answer may straddle the boundary); a cut continuation scores 0.
+    `counts`, if given, accumulates the tokens generated and the continuations cut by the length limit."""
+    def rollout(states):
+        outputs = sample_from_states(model, tokenizer, states, [origin[s][1] for s in states], args, desc=desc)
+        rewards = []
+        for state, (ids, ended) in zip(states, outputs):
+            answer, prompt_len = origin[state]
+            rewards.append(reward_of(args.task, decode_response(tokenizer, list(state[prompt_len:]) + ids), ended, answer))
+            if counts is not None:
+                counts["tokens"] += len(ids)
+                counts["truncated"] += not ended
+        return rewards
+    return rollout
+
+
+def mc_values(states: list[tuple[int, ...]], k: int, rollout) -> tuple[dict, dict]:
+    """Monte Carlo value of each distinct state: the mean reward of K fresh continuations from it.
+
+    `rollout(prefixes)` samples one continuation per prefix from pi_old and returns its reward (0 for one
+    cut by the length limit). Identical states are rolled out once; the rollouts of ALL states go out in
+    one call, so the sampler can batch them together. The response that visited a state never counts in
+    its value: that would bias the estimate.
+
+    Returns ({state: V(s)}, {state: [K rewards]}).
+    """
+    unique = list(dict.fromkeys(states))
+    prefixes = [state for state in unique for _ in range(k)]  # [n_unique * K]
+    rewards = rollout(prefixes)
+    per_state = {state: rewards[i * k:(i + 1) * k] for i, state in enumerate(unique)}
+    values = {state: sum(r) / k for state, r in per_state.items()}  # V(s) = mean of K rewards
+    return values, per_state
+
+
+def step_advantages(values: list[float], reward: float, n_steps: int | None = None) -> list[float]:
+    """Step advantages with gamma = 1: A_i = r_i + V(s_{i+1}) - V(s_i), where V(s_n) = 0 (terminal) and
+    r_i = 0 except r_{n-1} = R. So A_i = V(s_{i+1}) - V(s_i) and A_{n-1} = R - V(s_{n-1}); they telescope
+    to R - V(s_0).
+
+    >>> step_advantages([0.5, 0.25, 1.0], reward=1.0)
+    [-0.25, 0.75, 0.0]
+
+    If only the first len(values) of n_steps states were valued (the official cap of 25 states per
+    response), the steps whose end state has no value get advantage 0:
+    >>> step_advantages([0.5, 0.25], reward=1.0, n_steps=4)
+    [-0.25, 0.0, 0.0, 0.0]
+    """
+    n_steps = n_steps or len(values)
+    if n_steps > len(values):
+        return [v_next - v for v_next, v in zip(values[1:], values)] + [0.0] * (n_steps - len(values) + 1)
+    next_values = values[1:] + [0.0]  # V(s_n) = 0: the terminal state has no value
+    step_rewards = [0.0] * (len(values) - 1) + [reward]
+    return [r + v_next - v for r, v_next, v in zip(step_rewards, next_values, values)]
+
+
+def token_advantages(step_advs: list[float], step_starts: list[int], n_tokens: int) -> list[float]:
+    """Every token takes the advantage of its step (the EOS token, last, takes the last step's)."""
+    assert len(step_advs) == len(step_starts) and step_starts[0] == 0
+    return [step_advs[bisect.bisect_right(step_starts, t) - 1] for t in range(n_tokens)]
+
+
+def assign_mc_advantages(model, tokenizer, episodes: list[Episode], problems: list[dict], args: Args) -> dict:
+    """VinePPO's credit: V(s_i) by Monte Carlo from every step boundary of every response (all rolled out
+    together, from pi_old, before any update), then step advantages, then one advantage per token."""
+    states_of = [episode_states(e, args.max_states_per_response) for e in episodes]
+    origin = {s: (problems[e.problem_index]["answer"], len(e.prompt_ids)) for e, states in zip(episodes, states_of)
+              for s in states}
+    counts = defaultdict(int)
+    values, per_state = mc_values([s for states in states_of for s in states], args.mc_rollouts,
+                                  mc_rollout(model, tokenizer, origin, args, counts))
+    for e, states in zip(episodes, states_of):
+        e.step_values = [values[s] for s in states]
+        step_advs = step_advantages(e.step_values, e.reward, n_steps=len(e.step_starts))
+        e.token_advantages = token_advantages(step_advs, e.step_starts, len(e.response_ids))
+        assert len(e.token_advantages) == len(e.response_ids)  # one advantage per response token
+    stds = [torch.tensor(r).std(unbiased=False).item() for r in per_state.values()]
+    return {"tokens/mc": counts["tokens"], "mc/states": len(values), "mc/value_std": sum(stds) / len(stds),
+            "mc/truncated_frac": counts["truncated"] / max(1, len(values) * args.mc_rollouts)}
+
+
+# ============================================================================================
+# 3'. Credit assignment, classic PPO: a learned value network and GAE (the paper's baseline)
+# ============================================================================================
+class ValueNetwork(nn.Module):
+    """PPO's critic: a separate copy of the starting model's transformer with a linear head (hidden -> 1)
+    on every position; values[b, p] estimates V of the state that ends at position p."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone  # a decoder without its LM head
+        self.head = nn.Linear(backbone.config.hidden_size, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self.head.to(next(backbone.parameters()))
+
+    @classmethod
+    def from_policy(cls, policy) -> "ValueNetwork":
+        return cls(copy.deepcopy(policy.base_model))
+
+    @classmethod
+    def load(cls, path: str) -> "ValueNetwork":
+        """Reload what `save` wrote (e.g. <output-dir>/final/value)."""
+        from transformers import AutoModel
+        network = cls(AutoModel.from_pretrained(path))
+        network.head.load_state_dict(torch.load(os.path.join(path, "value_head.pt"), weights_only=True))
+        return network
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids).last_hidden_state  # [B, L, hidden]
+        return self.head(hidden).squeeze(-1).float()  # [B, L]
+
+    def save(self, path: str) -> None:
+        self.backbone.save_pretrained(path)
+        torch.save(self.head.state_dict(), os.path.join(path, "value_head.pt"))
+
+
+def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float,
+                   lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation over response tokens (right-aligned, padding masked).
+
+    delta_t = r_t + gamma V(s_{t+1}) - V(s_t), with V = 0 after the last token;
+    A_t = delta_t + gamma lambda A_{t+1}; returns = A + V. With gamma = lambda = 1, A_t = R - V(s_t).
+    rewards, values, mask: [B, T]. Returns (advantages, returns), both [B, T], zero at padding.
+    """
+    values = values * mask
+    advantages = torch.zeros_like(values)
+    running = torch.zeros_like(values[:, 0])  # [B]
+    for t in reversed(range(values.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < values.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        advantages[:, t] = running
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+# ============================================================================================
+# 3''. Credit assignment without a critic: GRPO and RLOO (one advantage per response)
+# ============================================================================================
+def group_advantages(rewards: list[float], groups: list[int], method: str) -> list[float]:
+    """One advantage per response from the other samples of its problem (its group); no value of any state.
+
+    'grpo' (Shao et al. 2024, DeepSeekMath): A = (R - mean of the group) / (std of the group + 1e-4),
+    with the sample std (n - 1), as TRL computes it. 'rloo' (Ahmadian et al. 2024): A = R - mean of the
+    OTHER responses of the group. A group of one, or a group whose rewards are all equal, gets 0.
+
+    >>> group_advantages([1.0, 0.0, 0.0, 0.0], [0, 0, 0, 0], "rloo")
+    [1.0, -0.3333333333333333, -0.3333333333333333, -0.3333333333333333]
+    >>> group_advantages([1.0, 1.0, 0.0], [0, 0, 1], "grpo")
+    [0.0, 0.0, 0.0]
+    """
+    if method not in ("grpo", "rloo"):
+        raise ValueError(f"method must be 'grpo' or 'rloo', got {method!r}")
+    members: dict[int, list[float]] = {}
+    for reward, group in zip(rewards, groups):
+        members.setdefault(group, []).append(reward)
+    advantages = []
+    for reward, group in zip(rewards, groups):
+        rs = members[group]
+        n, mean = len(rs), sum(rs) / len(rs)
+        if n == 1:
+            advantages.append(0.0)  # no other sample to compare with
+        elif method == "grpo":
+            std = math.sqrt(sum((r - mean) ** 2 for r in rs) / (n - 1))
+            advantages.append((reward - mean) / (std + 1e-4))
+        else:  # rloo
+            advantages.append(reward - (sum(rs) - reward) / (n - 1))  # leave-one-out mean
+    return advantages
+
+
+# ============================================================================================
+# 3'''. The toggle: the ONLY place where the methods differ
+# ============================================================================================
+def assign_credit(episodes: list[Episode], batch: dict, fixed: dict, policy, tokenizer, problems: list[dict],
+                  args: Args) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """Token advantages [B, T] (right-aligned like `collate`), returns [B, T] for the value network's loss
+    (None without one), and statistics. Each episode keeps its step values and token advantages, for
+    the credit view. Like the official trainer: the same update, the advantages from elsewhere."""
+    width = batch["response_mask"].shape[1]
+    if args.critic == "value":  # GAE on the critic's V(s_t); R sits on the last response token
+        rewards = right_aligned([[0.0] * (len(e.response_ids) - 1) + [e.reward] for e in episodes], width)
+        advantages, returns = gae_advantages(rewards, fixed["values_old"], batch["response_mask"],
+                                             gamma=args.gamma, lam=args.gae_lambda)
+        store_critic_credit(episodes, advantages, fixed["values_old"])
+        return advantages, returns, {"tokens/mc": 0, "value/explained_variance":
+                                     explained_variance(fixed["values_old"], returns, batch["response_mask"])}
+    if args.critic == "mc":
+        stats = assign_mc_advantages(policy, tokenizer, episodes, problems, args)
+    else:  # grpo, rloo: every token of a response gets the response's advantage; no state is valued
+        advantages = group_advantages([e.reward for e in episodes], [e.problem_index for e in episodes], args.critic)
+        for e, advantage in zip(episodes, advantages):
+            e.step_values, e.token_advantages = [], [advantage] * len(e.response_ids)
+        stats = {"tokens/mc": 0, "group/advantage_abs": sum(map(abs, advantages)) / len(advantages)}
+    return right_aligned([e.token_advantages for e in episodes], width), None, stats
+
+
+# ============================================================================================
+# 4. The PPO loss (paper section 3 and appendix: the same loss for every critic)
+# ============================================================================================
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> input_ids and attention_mask [rows, longest], padded on the LEFT (as `generate` wants)."""
+    width = max(map(len, sequences))
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)  # [rows, width]
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)  # [rows, width]
+    for row, seq in enumerate(sequences):
+        if seq:
+            input_ids[row, width - len(seq):] = torch.tensor(seq)
+            attention_mask[row, width - len(seq):] = 1
+    return input_ids, attention_mask
+
+
+def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> dict:
+    """Left-pad prompt+response sequences, so every response ends at the last column: per-token
+    quantities of the responses are then [B, T] tensors, right-aligned, T = the longest response.
+    Position ids count real tokens only, exactly as `generate` counted them."""
+    input_ids, attention_mask = left_pad([p + r for p, r in zip(prompts, responses)], pad_id)  # [B, L]
+    response_mask = right_aligned([[1.0] * len(r) for r in responses], max(map(len, responses)))  # [B, T]
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]
+    return dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                response_mask=response_mask)
+
+
+def right_aligned(rows: list[list[float]], width: int) -> torch.Tensor:
+    """Lists of per-response-token numbers -> [B, width], right-aligned like collate's responses."""
+    out = torch.zeros((len(rows), width))
+    for b, row in enumerate(rows):
+        if row:
+            out[b, width - len(row):] = torch.tensor(row, dtype=torch.float)
+    return out
+
+
+def slice_batch(batch: dict, rows: torch.Tensor, device) -> dict:
+    """The given rows of a collated batch, with the all-padding left columns cut off."""
+    mask = batch["response_mask"][rows]
+    seq_width = int(batch["attention_mask"][rows].sum(-1).max())
+    resp_width = int(mask.sum(-1).max())
+    out = {key: batch[key][rows][:, -seq_width:].to(device) for key in ("input_ids", "attention_mask", "position_ids")}
+    out["response_mask"] = mask[:, -resp_width:].to(device)
+    return out
+
+
+def response_logprobs(model, mb: dict, temperature: float) -> torch.Tensor:
+    """log pi(token | prefix) for every response token, from logits divided by the sampling temperature
+    (so pi_old recomputed here is the distribution that was sampled from). Returns [B, T] in fp32."""
+    n = mb["response_mask"].shape[1]
+    with autocast(mb["input_ids"].device):  # position p predicts token p+1:
+        logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
+                       position_ids=mb["position_ids"], logits_to_keep=n + 1).logits[:, :-1]  # [B, T, vocab]
+    logits = logits.float() / temperature
+    targets = mb["input_ids"][:, -n:]  # [B, T]
+    return (logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)) * mb["response_mask"]
+
+
+def response_values(value_model, mb: dict) -> torch.Tensor:
+    """V(s_t) for the state before each response token t: the value at the position just before it. [B, T]"""
+    n = mb["response_mask"].shape[1]
+    with autocast(mb["input_ids"].device):
+        values = value_model(mb["input_ids"], mb["attention_mask"], mb["position_ids"])  # [B, L]
+    return values[:, -n - 1:-1] * mb["response_mask"]
+
+
+def masked_mean_var(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (population) variance over the entries where mask is 1."""
+    n = mask.sum()
+    mean = (values * mask).sum() / n
+    return mean, (((values - mean) * mask) ** 2).sum() / n
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(A - mean) / sqrt(var + 1e-8) over the masked entries (all response tokens of a minibatch)."""
+    mean, var = masked_mean_var(values, mask)
+    return (values - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+def ppo_policy_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                    clip_range: float) -> tuple[torch.Tensor, dict]:
+    """Clipped surrogate, per token max(-A rho, -A clip(rho, 1-eps, 1+eps)), rho = pi/pi_old; returns the
+    per-token losses [B, T] (zero at padding) and statistics. Log-ratios are masked BEFORE exp."""
+    log_ratio = torch.where(mask.bool(), logp - logp_old, 0.0)  # fp32; padding -> ratio 1, never inf/nan
+    ratio = torch.exp(log_ratio.clamp(max=20.0))
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
+    losses = torch.maximum(unclipped, clipped) * mask
+    stats = {"clipped": ((clipped > unclipped).float() * mask).sum().item(), "ratio_sum": (ratio * mask).sum().item(),
+             "approx_kl": (((ratio - 1) - log_ratio) * mask).sum().item()}  # KL(pi_old || pi), k3, summed
+    return losses, stats
+
+
+def k3_kl(logp: torch.Tensor, logp_ref: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """k3 estimator of KL(pi || pi_ref) per token: exp(d) - d - 1 with d = logp_ref - logp, clamped to
+    [0, 10] (official code); never negative, zero where the policies agree. [B, T], zero at padding."""
+    d = torch.where(mask.bool(), logp_ref - logp, 0.0).clamp(-1e4, 20.0)  # padding masked before exp
+    return (torch.exp(d) - d - 1).clamp(0.0, 10.0) * mask
+
+
+def value_loss(values: torch.Tensor, values_old: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip_range: float) -> torch.Tensor:
+    """Clipped value loss 0.5 * max((V - ret)^2, (clip(V, V_old +- eps) - ret)^2), per token [B, T]."""
+    clipped = values_old + (values - values_old).clamp(-clip_range, clip_range)
+    return 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2) * mask
+
+
+def explained_variance(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(target - predicted) / Var(target) over masked entries: 1 is perfect, 0 is a constant guess."""
+    return float(1 - masked_mean_var(target - predicted, mask)[1] / masked_mean_var(target, mask)[1].clamp(min=1e-8))
+
+
+# ============================================================================================
+# 5. The update: log-probs of pi_old and the reference fixed once, then epochs of minibatches
+# ============================================================================================
+@torch.inference_mode()
+def precompute(policy, reference, value_model, batch: dict, args: Args, device) -> dict:
+    """Quantities fixed during the update: log-probs of pi_old and of the reference, and old values."""
+    out = {key: torch.zeros_like(batch["response_mask"]) for key in ("logp_old", "logp_ref", "values_old")}
+    if args.offload_reference:
+        reference.to(device)  # lives on the CPU, visits the GPU only here
+    for rows in torch.arange(len(batch["input_ids"])).split(args.micro_batch_size):
+        mb = slice_batch(batch, rows, device)
+        n = mb["response_mask"].shape[1]
+        out["logp_old"][rows, -n:] = response_logprobs(policy, mb, args.temperature).cpu()
+        out["logp_ref"][rows, -n:] = response_logprobs(reference, mb, args.temperature).cpu()
+        if value_model is not None:
+            out["values_old"][rows, -n:] = response_values(value_model, mb).cpu()
+    if args.offload_reference:
+        reference.to("cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+def minibatch_backward(policy, value_model, batch: dict, fixed: dict, advantages: torch.Tensor,
+                       returns: torch.Tensor | None, minibatch: torch.Tensor, args: Args, device) -> dict:
+    """Forward and backward of one minibatch of responses, micro-batch by micro-batch (memory only).
+    Token advantages are whitened over the minibatch; the clipped surrogate is averaged over its tokens;
+    the k3 KL to the reference is summed per response and averaged over responses (paper appendix).
+    Returns the sums of the loss terms and statistics over the minibatch."""
+    whitened = whiten(advantages[minibatch], batch["response_mask"][minibatch])  # [mb, T]
+    n_tokens = batch["response_mask"][minibatch].sum().item()
+    sums = defaultdict(float, tokens=n_tokens)
+    for start in range(0, len(minibatch), args.micro_batch_size):
+        rows = minibatch[start:start + args.micro_batch_size]
+        mb = slice_batch(batch, rows, device)
+        mask, n = mb["response_mask"], mb["response_mask"].shape[1]  # [rows, n]: the minibatch's columns
+        logp = response_logprobs(policy, mb, args.temperature)  # [rows, n]
+        pg_losses, stats = ppo_policy_loss(logp, fixed["logp_old"][rows, -n:].to(device),
+                                           whitened[start:start + len(rows), -n:].to(device), mask, args.clip_range)
+        policy_loss = pg_losses.sum() / n_tokens  # token-level mean over the minibatch
+        kl = k3_kl(logp, fixed["logp_ref"][rows, -n:].to(device), mask).sum() / len(minibatch)  # per response
+        (policy_loss + args.kl_coef * kl).backward()
+        for key, value in [("policy_loss", policy_loss.item()), ("kl", kl.item()), ("clipped", stats["clipped"]),
+                           ("approx_kl", stats["approx_kl"]), ("ratio", stats["ratio_sum"])]:
+            sums[key] += value
+        if value_model is not None:  # the critic regresses V(s_t) on the returns, clipped around V_old
+            values = response_values(value_model, mb)  # [rows, n]
+            v_loss = value_loss(values, fixed["values_old"][rows, -n:].to(device), returns[rows, -n:].to(device),
+                                mask, args.value_clip_range).sum() / n_tokens
+            v_loss.backward()
+            sums["value_loss"] += v_loss.item()
+    return sums
+
+
+def ppo_update(policy, value_model, optimizers, schedulers, batch: dict, fixed: dict, advantages: torch.Tensor,
+               returns: torch.Tensor | None, args: Args, device, nonfinite_in_a_row: int = 0) -> dict:
+    """The PPO update shared by every critic (paper appendix): `epochs` passes over the responses in
+    shuffled minibatches, one optimizer step each (gradient norm clipped). A minibatch whose mean ratio
+    exceeds 10 is skipped, and so is a step with a non-finite loss or gradient (it never reaches the
+    weights); max_nonfinite_steps of those in a row, counting from `nonfinite_in_a_row`, stop the run."""
+    totals = defaultdict(float)
+    trained = [model for model in (policy, value_model) if model is not None]
+    for model in trained:  # train() only to let gradient checkpointing run; dropout is zeroed
+        model.train(args.gradient_checkpointing)
+    for epoch in range(args.epochs):
+        minibatches = torch.randperm(len(batch["input_ids"])).split(args.minibatch_size)
+        for minibatch in tqdm(minibatches, desc=f"PPO update, epoch {epoch + 1}", leave=False):
+            sums = minibatch_backward(policy, value_model, batch, fixed, advantages, returns, minibatch, args, device)
+            skip = sums.pop("ratio") / sums["tokens"] > 10.0  # mean ratio over 10: skipped (official code)
+            grad_norms = [torch.nn.utils.clip_grad_norm_([p for g in o.param_groups for p in g["params"]],
+                                                         args.max_grad_norm) for o in optimizers]
+            finite = all(map(math.isfinite, sums.values())) and all(map(math.isfinite, grad_norms))
+            for optimizer, scheduler in zip(optimizers, schedulers):
+                if finite and not skip:  # a non-finite loss or gradient never reaches the optimizer
+                    optimizer.step()
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
+            if nonfinite_in_a_row >= args.max_nonfinite_steps:
+                raise FloatingPointError(f"{nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or gradient")
+            for key, value in [*sums.items(), ("steps", 1), ("skipped", skip)] if finite else [("nonfinite", 1)]:
+                totals[key] += value
+    for model in trained:
+        model.eval()
+    steps, tokens = max(1, totals["steps"]), max(1.0, totals["tokens"])
+    out = {"losses/policy_loss": totals["policy_loss"] / steps,
+           "losses/kl": totals["kl"] / steps,  # k3 KL to the frozen reference, per response (the loss term)
+           "losses/approx_kl": totals["approx_kl"] / tokens,  # pi_old -> pi, per token
+           "losses/clipfrac": totals["clipped"] / tokens, "losses/skipped_minibatches": int(totals["skipped"]),
+           "losses/nonfinite_steps": int(totals["nonfinite"]),  # skipped: a non-finite loss or gradient
+           "losses/nonfinite_in_a_row": nonfinite_in_a_row}  # the streak at the end, carried to the next update
+    if value_model is not None:
+        out["losses/value_loss"] = totals["value_loss"] / steps
+    return out
+
+
+# ============================================================================================
+# 6. The loop (the paper's Algorithm 1): sample, split, credit, update, log
+# ============================================================================================
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--plot" in argv:  # not a run: draw the curves of finished runs into one figure and stop
+        return {"figure": plot_command(argv)}
+    args = parse_args(argv)
+    run = start_run(args)  # Part II: seeds, data, model, SFT warm-up, reference and critic, first evaluation
+    with StopSignals(run, args) as stop:
+        for iteration in tqdm(range(run.iteration + 1, args.iterations + 1), desc="RL iterations",
+                              initial=run.iteration, total=args.iterations):
+            record = {"iteration": iteration}
+            with clock(record, "rollout"):  # 1. sample responses from pi_old, grade them, split them into steps
+                indices = run.sampler.sample(range(len(run.train)), args.prompts_per_iteration)  # distinct problems
+                episodes = sample_episodes(run.policy, run.tokenizer, run.train, indices, args)
+            with clock(record, "credit"):  # 2. credit assignment: MC values, the critic, or the group
+                batch = collate([e.prompt_ids for e in episodes], [e.response_ids for e in episodes],
+                                run.tokenizer.pad_token_id)
+                fixed = precompute(run.policy, run.reference, run.value_model, batch, args, run.device)
+                advantages, returns, stats = assign_credit(episodes, batch, fixed, run.policy, run.tokenizer,
+                                                           run.train, args)
+            with clock(record, "update"):  # 3. the PPO update, identical for every critic
+                stats.update(ppo_update(run.policy, run.value_model, run.optimizers, run.schedulers, batch, fixed,
+                                        advantages, returns, args, run.device, run.nonfinite_in_a_row))
+            end_iteration(run, record, episodes, stats, args, stop)  # 4. log, evaluate, checkpoint (Part II)
+    return finish_run(run, args)
+
+
+# ############################################################################################
+# PART II: NOT THE ALGORITHM. Everything a run needs that the paper does not describe: command-line
+# checks, data and grading, models, SFT and evaluation, checkpoints and signals, the credit view and
+# plots. A reader of Part I can stop here.
+# ############################################################################################
+
+# ============================================================================================
+# Command line
+# ============================================================================================
 # The embedded demo (`--model tiny`, the default) trains a 0.8M-parameter model from scratch on a CPU in
 # minutes. These are the ONLY places where the demo departs from the paper's defaults (a flag given on the
 # command line still wins):
@@ -299,7 +962,7 @@ def check_args(args: Args) -> None:
 
 
 # ============================================================================================
-# Task: problems, the prompt, grading
+# Tasks: problems, the prompt, grading
 # ============================================================================================
 PROMPT_TEMPLATE = "[MATH_TASK] Problem:\n{problem}\n\nSolution:"  # the paper's prompt, no few-shot
 
@@ -385,20 +1048,6 @@ def make_arith_task(seed: int, n_train: int, n_test: int, slip_rate: float) -> t
     return train, test
 
 
-def extract_gsm8k_answer(text: str) -> str | None:
-    """The text after the last '####', stripped of commas, '$' and spaces; None if there is none."""
-    if "####" not in text:
-        return None
-    answer = text.rsplit("####", 1)[1].strip().replace(",", "").replace("$", "")
-    return answer.split("\n")[0].strip() or None
-
-
-def grade_gsm8k(text: str, gold: str) -> float:
-    """Reward 1.0 if the final answer equals the gold answer as a string, else 0. This is the official
-    GSM8K grader (exact match after removing commas), so "18.0" != "18"; we also drop '$'."""
-    return float(extract_gsm8k_answer(text) == gold.replace(",", "").strip())
-
-
 # --- real datasets: every task yields dicts with "problem", "solution" (the SFT target) and "answer"
 MATH_SUBJECTS = ["algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",
                  "prealgebra", "precalculus"]
@@ -415,12 +1064,12 @@ def to_problem(task: str, row: dict) -> dict:
     """One dataset row in the hub's fields -> {problem, solution, answer}. GSM8K rows: question, answer
     (worked solution ending '#### N'); the <<48/2=24>> calculator annotations are removed from the SFT
     target (paper). MATH rows: problem, solution, optional answer (else the solution's last \\boxed{})."""
-    text = lambda field: str(row[field]) if row[field] is not None else ""  # noqa: E731 - a null field is empty
+    text = {key: "" if value is None else str(value) for key, value in row.items()}  # a null field is empty
     if task == "gsm8k":
-        solution = re.sub(r"<<[^<>]*>>", "", text("answer"))
-        return {"problem": text("question"), "solution": solution, "answer": extract_gsm8k_answer(solution)}
-    return {"problem": text("problem"), "solution": text("solution"),
-            "answer": (text("answer") if "answer" in row else "") or last_boxed(text("solution"))}
+        solution = re.sub(r"<<[^<>]*>>", "", text["answer"])
+        return {"problem": text["question"], "solution": solution, "answer": extract_gsm8k_answer(solution)}
+    return {"problem": text["problem"], "solution": text["solution"],
+            "answer": text.get("answer") or last_boxed(text["solution"])}
 
 
 def load_problems(task: str, sources: list[dict]) -> list[dict]:
@@ -484,6 +1133,20 @@ def load_task(args: Args) -> tuple[list[dict], list[dict], list[dict]]:
         sys.exit(f"error: {len(train)} train / {len(validation)} validation / {len(test)} test problems: "
                  f"--task {args.task} needs train problems and a test file or a validation split")
     return train, validation, test or validation
+
+
+def extract_gsm8k_answer(text: str) -> str | None:
+    """The text after the last '####', stripped of commas, '$' and spaces; None if there is none."""
+    if "####" not in text:
+        return None
+    answer = text.rsplit("####", 1)[1].strip().replace(",", "").replace("$", "")
+    return answer.split("\n")[0].strip() or None
+
+
+def grade_gsm8k(text: str, gold: str) -> float:
+    """Reward 1.0 if the final answer equals the gold answer as a string, else 0. This is the official
+    GSM8K grader (exact match after removing commas), so "18.0" != "18"; we also drop '$'."""
+    return float(extract_gsm8k_answer(text) == gold.replace(",", "").strip())
 
 
 # --- MATH grading: last \boxed{}, normalised, equal by string, by number or by sympy
@@ -676,49 +1339,17 @@ def grade(task: str, text: str, gold: str) -> float:
     return grade_math(text, gold) if task == "math" else grade_gsm8k(text, gold)
 
 
-# ============================================================================================
-# Step segmentation (paper section 4: a line of GSM8K; MATH's math-aware rule)
-# ============================================================================================
-def split_steps(text: str) -> list[str]:
-    """Split a response into reasoning steps on its text; the steps re-join to the text exactly.
-
-    GSM8K rule (PAPER.md): one step per line; each later step carries its own leading newline; leading
-    empty lines go into the first step; blank lines go into the step after them; the '#### answer' line
-    and anything after it merge into the last step. There is always at least one step.
-
-    >>> split_steps("\\n7+5=12\\n12*3=36\\n#### 36\\n")
-    ['\\n7+5=12', '\\n12*3=36\\n#### 36\\n']
-    """
-    pieces = []  # cut before every newline: "a\nb" -> ["a", "\nb"]
-    start = 0
-    for i, char in enumerate(text):
-        if char == "\n" and i > 0:
-            pieces.append(text[start:i])
-            start = i
-    pieces.append(text[start:])
-
-    steps, pending, answered = [], "", False  # `pending` holds blank lines waiting for the next real line
-    for piece in pieces:
-        if not piece.strip():
-            pending += piece
-        elif steps and (answered or piece.lstrip().startswith("####")):
-            steps[-1] += pending + piece  # the answer line, and all text after it, join the last step
-            pending = ""
-        else:
-            steps.append(pending + piece)
-            pending = ""
-        answered = answered or piece.lstrip().startswith("####")
-    if pending:
-        if steps:
-            steps[-1] += pending
-        else:
-            steps.append(pending)
-    if not steps:
-        steps = [text]
-    assert "".join(steps) == text, "steps must re-join to the response"
-    return steps
+def reward_of(task: str, text: str, ended: bool, answer: str) -> float:
+    """R = 1 if the final answer is right, else 0; a response cut by the length limit (no EOS) gets 0."""
+    return grade(task, text, answer) if ended else 0.0
 
 
+def decode_response(tokenizer, ids: list[int]) -> str:
+    """Response text; special tokens (EOS, pad) dropped, nothing else changed."""
+    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+# --- MATH's step rule (the official splitter's, see split_response)
 # Math regions: $$..$$, $..$, \(..\), \[..\], \begin{env}..\end{env}; an unclosed one runs to the end.
 MATH_REGION = re.compile(r"(?<!\\)\$\$.*?(?<!\\)\$\$|(?<!\\)\$.*?(?<!\\)\$|\\\(.*?\\\)|\\\[.*?\\\]"
                          r"|\\begin\{([a-zA-Z]+\*?)\}.*?\\end\{\1\}|(?<!\\)\$.*|\\[(\[].*|\\begin\{.*", re.DOTALL)
@@ -774,407 +1405,6 @@ def split_math_steps(text: str, min_chars: int = 20, max_chars: int = 100) -> li
     steps = steps or [text]  # an empty response is one (empty) step, as in split_steps
     assert "".join(steps) == text, "steps must re-join to the response"
     return steps
-
-
-def split_response(task: str, text: str) -> list[str]:
-    """The task's step rule: MATH's math-aware rule for 'math', one step per line otherwise."""
-    return split_math_steps(text) if task == "math" else split_steps(text)
-
-
-def step_token_starts(decode, response_ids: list[int], steps: list[str]) -> list[int]:
-    """Map step boundaries on the text to token positions of the response, by character offsets.
-
-    Token j starts at the character where decode(ids[:j]) stops agreeing with the text (a byte-level
-    token may end inside a multi-byte character, which decodes to a stray U+FFFD: that partial character
-    is not counted, so it stays with the token that completes it). A token belongs to the step that holds its first
-    character, so step i begins at the first token that starts at or after the step's first character.
-    A token that spans a boundary (BPE merges like ".\\n") stays with the step it starts in. Steps that
-    own no token are merged into the next one. Returns strictly increasing positions, the first 0.
-
-    The states are then the trajectory's own prefixes prompt + ids[:t], never re-tokenized text.
-    """
-    text = "".join(steps)
-    char_starts, position = [], 0
-    for step in steps:
-        char_starts.append(position)
-        position += len(step)
-
-    def first_token_at_or_after(char: int) -> int:  # binary search; decode length grows with j
-        lo, hi = 0, len(response_ids)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if len(os.path.commonprefix([decode(response_ids[:mid]), text])) >= char:
-                hi = mid
-            else:
-                lo = mid + 1
-        return lo
-
-    starts = [0]
-    for char in char_starts[1:]:
-        t = first_token_at_or_after(char)
-        if starts[-1] < t < len(response_ids):
-            starts.append(t)
-    return starts
-
-
-def chunk_starts(n_text_tokens: int, chunk: int) -> list[int]:
-    """The exercise's alternative to lines (--step-split tokens): a new step every `chunk` tokens, wherever
-    it falls (mid-number, mid-word). The EOS token, after the n_text_tokens, joins the last step.
-
-    >>> chunk_starts(10, 4), chunk_starts(0, 4)
-    ([0, 4, 8], [0])
-    """
-    return list(range(0, max(1, n_text_tokens), chunk))
-
-
-# ============================================================================================
-# Sampling with `generate`
-# ============================================================================================
-@dataclass
-class Episode:
-    """One sampled response and everything the update needs about it."""
-    problem_index: int
-    prompt_ids: list[int]
-    response_ids: list[int]  # includes the EOS token when the response ended by itself
-    text: str  # decoded response without EOS
-    reward: float
-    truncated: bool  # hit max_new_tokens without EOS (reward 0)
-    steps: list[str] = field(default_factory=list)  # the response text split into steps
-    # token position where each step begins; a step that owns no token is merged into the next, so this
-    # list can be shorter than `steps`
-    step_starts: list[int] = field(default_factory=list)
-    step_values: list[float] = field(default_factory=list)  # V(s_i) at step starts: MC, or the critic's (shown)
-    token_advantages: list[float] = field(default_factory=list)  # one per response token
-
-
-def autocast(device: torch.device):
-    """bf16 mixed precision for forward passes on CUDA; exact fp32 elsewhere. Weights stay fp32 (a bf16
-    weight cannot hold an lr=1e-6 step: it would round away)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-def shared_prefix_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-    """The KV cache of each row's prompt but its last token, computed ONCE per distinct prompt and copied to
-    the rows that repeat it (the K rollouts of one MC state, the samples of one problem): given it, `generate`
-    runs only the last prompt token and the new ones, so K copies pay one prefill instead of K. Rows never
-    mix and the random stream is untouched, so the samples are the ones `generate` draws without it, up to
-    float rounding (the last prompt token runs as a one-token step: its logits move by ~1e-7, a test checks).
-    None when no row repeats another: nothing to save.
-
-    input_ids, attention_mask: [rows, width], left-padded, on the model's device.
-    """
-    width = input_ids.shape[1]
-    distinct, row_of = torch.unique(torch.cat([input_ids, attention_mask], dim=1), dim=0, return_inverse=True)
-    if len(distinct) == len(input_ids) or width < 2:
-        return None
-    ids, mask = distinct.split(width, dim=1)  # [distinct, width] each
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # numbered as `generate` numbers padded rows
-    cache = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-                  use_cache=True, logits_to_keep=1).past_key_values  # [distinct, heads, width - 1, head_dim] per layer
-    cache.batch_select_indices(row_of)  # [rows, ...]: every row gets the keys and values of its own prompt
-    return cache
-
-
-@torch.inference_mode()
-def sample_continuations(model, prefixes: list[list[int]], budgets: list[int], *, eos_id: int, pad_id: int,
-                         temperature: float, top_p: float, batch_size: int, desc: str = "sampling",
-                         progress: bool = True, share_prefixes: bool = True) -> list[tuple[list[int], bool]]:
-    """Sample one continuation of each prefix with `generate`; returns (new_ids, ended_with_eos) per prefix.
-
-    Rows are sorted by prefix length so each batch pads little (cost follows the padded length), and at
-    most `batch_size` rows go into one call. Row i may add at most budgets[i] tokens; a row that reaches
-    its budget without EOS is returned with ended_with_eos=False. The EOS token is kept in new_ids.
-    Identical prefixes in a call share one prefill (`shared_prefix_cache`; `share_prefixes=False` turns it
-    off, for the benchmark). The rows, their order and the number of decode steps, hence the random stream,
-    stay the same. (Stopping a row at its budget would not: a call that ended earlier would leave the
-    generator elsewhere for the next one.)
-    """
-    device = next(model.parameters()).device
-    order = sorted(range(len(prefixes)), key=lambda i: (len(prefixes[i]), budgets[i]))
-    results: list = [None] * len(prefixes)
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    for rows in tqdm(batches, desc=desc, leave=False, disable=not progress):
-        width = max(len(prefixes[i]) for i in rows)
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # [rows, width], left-padded
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, i in enumerate(rows):
-            input_ids[r, width - len(prefixes[i]):] = torch.tensor(prefixes[i])
-            attention_mask[r, width - len(prefixes[i]):] = 1
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        # A fresh GenerationConfig, so nothing from the model's saved one (repetition_penalty, top_k=50, ...)
-        # changes the distribution: samples must come from pi_old at this temperature and top_p, exactly.
-        config = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-                                  max_new_tokens=max(budgets[i] for i in rows), eos_token_id=eos_id, pad_token_id=pad_id)
-        with autocast(device):
-            cache = shared_prefix_cache(model, input_ids, attention_mask) if share_prefixes else None
-            output = model.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
-                                    generation_config=config)
-        new_tokens = output[:, width:].tolist()  # [rows, <= max budget]
-        for r, i in enumerate(rows):
-            ids = new_tokens[r][:budgets[i]]
-            if eos_id in ids:
-                results[i] = (ids[:ids.index(eos_id) + 1], True)
-            else:
-                results[i] = (ids, False)
-    return results
-
-
-# ============================================================================================
-# Credit assignment, VinePPO: Monte Carlo value estimates (paper section 4)
-# ============================================================================================
-def mc_values(states: list[tuple[int, ...]], k: int, rollout) -> tuple[dict, dict]:
-    """Monte Carlo value of each distinct state: the mean reward of K fresh continuations from it.
-
-    `rollout(prefixes)` samples one continuation per prefix from pi_old and returns its reward (0 for one
-    cut by the length limit). Identical states are rolled out once; the rollouts of ALL states go out in
-    one call, so the sampler can batch them together. The response that visited a state never counts in
-    its value: that would bias the estimate.
-
-    Returns ({state: V(s)}, {state: [K rewards]}).
-    """
-    unique = list(dict.fromkeys(states))
-    prefixes = [state for state in unique for _ in range(k)]  # [n_unique * K]
-    rewards = rollout(prefixes)
-    per_state = {state: rewards[i * k:(i + 1) * k] for i, state in enumerate(unique)}
-    values = {state: sum(r) / k for state, r in per_state.items()}  # V(s) = mean of K rewards
-    return values, per_state
-
-
-def step_advantages(values: list[float], reward: float, n_steps: int | None = None) -> list[float]:
-    """Step advantages with gamma = 1: A_i = r_i + V(s_{i+1}) - V(s_i), where V(s_n) = 0 (terminal) and
-    r_i = 0 except r_{n-1} = R. So A_i = V(s_{i+1}) - V(s_i) and A_{n-1} = R - V(s_{n-1}); they telescope
-    to R - V(s_0).
-
-    >>> step_advantages([0.5, 0.25, 1.0], reward=1.0)
-    [-0.25, 0.75, 0.0]
-
-    If only the first len(values) of n_steps states were valued (the official cap of 25 states per
-    response), the steps whose end state has no value get advantage 0:
-    >>> step_advantages([0.5, 0.25], reward=1.0, n_steps=4)
-    [-0.25, 0.0, 0.0, 0.0]
-    """
-    n_steps = n_steps or len(values)
-    if n_steps > len(values):
-        return [v_next - v for v_next, v in zip(values[1:], values)] + [0.0] * (n_steps - len(values) + 1)
-    next_values = values[1:] + [0.0]  # V(s_n) = 0: the terminal state has no value
-    step_rewards = [0.0] * (len(values) - 1) + [reward]
-    return [r + v_next - v for r, v_next, v in zip(step_rewards, next_values, values)]
-
-
-def token_advantages(step_advs: list[float], step_starts: list[int], n_tokens: int) -> list[float]:
-    """Every token takes the advantage of its step (the EOS token, last, takes the last step's)."""
-    assert len(step_advs) == len(step_starts) and step_starts[0] == 0
-    return [step_advs[bisect.bisect_right(step_starts, t) - 1] for t in range(n_tokens)]
-
-
-# ============================================================================================
-# Credit assignment, classic PPO: a learned value network and GAE
-# ============================================================================================
-class ValueNetwork(nn.Module):
-    """PPO's critic: a separate copy of the starting model's transformer with a linear head (hidden -> 1)
-    on every position; values[b, p] estimates V of the state that ends at position p."""
-
-    def __init__(self, backbone):
-        super().__init__()
-        self.backbone = backbone  # a decoder without its LM head
-        self.head = nn.Linear(backbone.config.hidden_size, 1)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
-        self.head.to(next(backbone.parameters()))
-
-    @classmethod
-    def from_policy(cls, policy) -> "ValueNetwork":
-        return cls(copy.deepcopy(policy.base_model))
-
-    @classmethod
-    def load(cls, path: str) -> "ValueNetwork":
-        """Reload what `save` wrote (e.g. <output-dir>/final/value)."""
-        from transformers import AutoModel
-        network = cls(AutoModel.from_pretrained(path))
-        network.head.load_state_dict(torch.load(os.path.join(path, "value_head.pt"), weights_only=True))
-        return network
-
-    def forward(self, input_ids, attention_mask, position_ids):
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids).last_hidden_state  # [B, L, hidden]
-        return self.head(hidden).squeeze(-1).float()  # [B, L]
-
-    def save(self, path: str) -> None:
-        self.backbone.save_pretrained(path)
-        torch.save(self.head.state_dict(), os.path.join(path, "value_head.pt"))
-
-
-def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float,
-                   lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalized advantage estimation over response tokens (right-aligned, padding masked).
-
-    delta_t = r_t + gamma V(s_{t+1}) - V(s_t), with V = 0 after the last token;
-    A_t = delta_t + gamma lambda A_{t+1}; returns = A + V. With gamma = lambda = 1, A_t = R - V(s_t).
-    rewards, values, mask: [B, T]. Returns (advantages, returns), both [B, T], zero at padding.
-    """
-    values = values * mask
-    advantages = torch.zeros_like(values)
-    running = torch.zeros_like(values[:, 0])  # [B]
-    for t in reversed(range(values.shape[1])):
-        next_value = values[:, t + 1] if t + 1 < values.shape[1] else torch.zeros_like(running)
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        running = delta + gamma * lam * running
-        advantages[:, t] = running
-    advantages = advantages * mask
-    return advantages, (advantages + values) * mask
-
-
-# ============================================================================================
-# Credit assignment without a critic: GRPO and RLOO baselines (one advantage per response)
-# ============================================================================================
-def group_advantages(rewards: list[float], groups: list[int], method: str) -> list[float]:
-    """One advantage per response from the other samples of its problem (its group); no value of any state.
-
-    'grpo' (Shao et al. 2024, DeepSeekMath): A = (R - mean of the group) / (std of the group + 1e-4),
-    with the sample std (n - 1), as TRL computes it. 'rloo' (Ahmadian et al. 2024): A = R - mean of the
-    OTHER responses of the group. A group of one, or a group whose rewards are all equal, gets 0.
-
-    >>> group_advantages([1.0, 0.0, 0.0, 0.0], [0, 0, 0, 0], "rloo")
-    [1.0, -0.3333333333333333, -0.3333333333333333, -0.3333333333333333]
-    >>> group_advantages([1.0, 1.0, 0.0], [0, 0, 1], "grpo")
-    [0.0, 0.0, 0.0]
-    """
-    if method not in ("grpo", "rloo"):
-        raise ValueError(f"method must be 'grpo' or 'rloo', got {method!r}")
-    members: dict[int, list[float]] = {}
-    for reward, group in zip(rewards, groups):
-        members.setdefault(group, []).append(reward)
-    advantages = []
-    for reward, group in zip(rewards, groups):
-        rs = members[group]
-        n, mean = len(rs), sum(rs) / len(rs)
-        if n == 1:
-            advantages.append(0.0)  # no other sample to compare with
-        elif method == "grpo":
-            std = math.sqrt(sum((r - mean) ** 2 for r in rs) / (n - 1))
-            advantages.append((reward - mean) / (std + 1e-4))
-        else:  # rloo
-            advantages.append(reward - (sum(rs) - reward) / (n - 1))  # leave-one-out mean
-    return advantages
-
-
-def assign_group_advantages(episodes: list[Episode], method: str) -> dict:
-    """GRPO / RLOO credit: every token of a response gets that response's advantage (the EOS too)."""
-    advantages = group_advantages([e.reward for e in episodes], [e.problem_index for e in episodes], method)
-    for e, advantage in zip(episodes, advantages):
-        e.step_values = []  # no state is valued
-        e.token_advantages = [advantage] * len(e.response_ids)
-    return {"tokens/mc": 0, "group/advantage_abs": sum(map(abs, advantages)) / len(advantages)}
-
-
-# ============================================================================================
-# The PPO loss (paper section 3 and appendix: the same loss for both methods)
-# ============================================================================================
-def collate(episodes: list[Episode], pad_id: int) -> dict:
-    """Pad prompt+response sequences on the LEFT so every response ends at the last column.
-
-    Per-token quantities of the responses are then [B, T] tensors, right-aligned, T = longest response.
-    Position ids count real tokens only, exactly as `generate` counted them.
-    """
-    sequences = [e.prompt_ids + e.response_ids for e in episodes]
-    width, longest = max(map(len, sequences)), max(len(e.response_ids) for e in episodes)
-    input_ids = torch.full((len(episodes), width), pad_id, dtype=torch.long)  # [B, L]
-    attention_mask = torch.zeros((len(episodes), width), dtype=torch.long)  # [B, L]
-    response_mask = torch.zeros((len(episodes), longest))  # [B, T]
-    for b, (seq, e) in enumerate(zip(sequences, episodes)):
-        input_ids[b, width - len(seq):] = torch.tensor(seq)
-        attention_mask[b, width - len(seq):] = 1
-        response_mask[b, longest - len(e.response_ids):] = 1
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]
-    return dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                response_mask=response_mask)
-
-
-def right_aligned(rows: list[list[float]], width: int) -> torch.Tensor:
-    """Lists of per-response-token numbers -> [B, width], right-aligned like collate's responses."""
-    out = torch.zeros((len(rows), width))
-    for b, row in enumerate(rows):
-        if row:
-            out[b, width - len(row):] = torch.tensor(row, dtype=torch.float)
-    return out
-
-
-def slice_batch(batch: dict, rows: torch.Tensor, device) -> dict:
-    """The given rows of a collated batch, with the all-padding left columns cut off."""
-    mask = batch["response_mask"][rows]
-    seq_width = int(batch["attention_mask"][rows].sum(-1).max())
-    resp_width = int(mask.sum(-1).max())
-    out = {key: batch[key][rows][:, -seq_width:].to(device) for key in ("input_ids", "attention_mask", "position_ids")}
-    out["response_mask"] = mask[:, -resp_width:].to(device)
-    return out
-
-
-def response_logprobs(model, mb: dict, temperature: float) -> torch.Tensor:
-    """log pi(token | prefix) for every response token, from logits divided by the sampling temperature
-    (so pi_old recomputed here is the distribution that was sampled from). Returns [B, T] in fp32."""
-    n = mb["response_mask"].shape[1]
-    with autocast(mb["input_ids"].device):  # position p predicts token p+1:
-        logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
-                       position_ids=mb["position_ids"], logits_to_keep=n + 1).logits[:, :-1]  # [B, T, vocab]
-    logits = logits.float() / temperature
-    targets = mb["input_ids"][:, -n:]  # [B, T]
-    return (logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)) * mb["response_mask"]
-
-
-def response_values(value_model, mb: dict) -> torch.Tensor:
-    """V(s_t) for the state before each response token t: the value at the position just before it. [B, T]"""
-    n = mb["response_mask"].shape[1]
-    with autocast(mb["input_ids"].device):
-        values = value_model(mb["input_ids"], mb["attention_mask"], mb["position_ids"])  # [B, L]
-    return values[:, -n - 1:-1] * mb["response_mask"]
-
-
-def masked_mean_var(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and (population) variance over the entries where mask is 1."""
-    n = mask.sum()
-    mean = (values * mask).sum() / n
-    return mean, (((values - mean) * mask) ** 2).sum() / n
-
-
-def whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(A - mean) / sqrt(var + 1e-8) over the masked entries (all response tokens of a minibatch)."""
-    mean, var = masked_mean_var(values, mask)
-    return (values - mean) * torch.rsqrt(var + 1e-8) * mask
-
-
-def ppo_policy_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                    clip_range: float) -> tuple[torch.Tensor, dict]:
-    """Clipped surrogate, per token max(-A rho, -A clip(rho, 1-eps, 1+eps)), rho = pi/pi_old; returns the
-    per-token losses [B, T] (zero at padding) and statistics. Log-ratios are masked BEFORE exp."""
-    log_ratio = torch.where(mask.bool(), logp - logp_old, 0.0)  # fp32; padding -> ratio 1, never inf/nan
-    ratio = torch.exp(log_ratio.clamp(max=20.0))
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
-    losses = torch.maximum(unclipped, clipped) * mask
-    stats = {"clipped": ((clipped > unclipped).float() * mask).sum().item(), "ratio_sum": (ratio * mask).sum().item(),
-             "approx_kl": (((ratio - 1) - log_ratio) * mask).sum().item()}  # KL(pi_old || pi), k3, summed
-    return losses, stats
-
-
-def k3_kl(logp: torch.Tensor, logp_ref: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """k3 estimator of KL(pi || pi_ref) per token: exp(d) - d - 1 with d = logp_ref - logp, clamped to
-    [0, 10] (PAPER.md); never negative, zero where the policies agree. [B, T], zero at padding."""
-    d = torch.where(mask.bool(), logp_ref - logp, 0.0).clamp(-1e4, 20.0)  # padding masked before exp
-    return (torch.exp(d) - d - 1).clamp(0.0, 10.0) * mask
-
-
-def value_loss(values: torch.Tensor, values_old: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip_range: float) -> torch.Tensor:
-    """Clipped value loss 0.5 * max((V - ret)^2, (clip(V, V_old +- eps) - ret)^2), per token [B, T]."""
-    clipped = values_old + (values - values_old).clamp(-clip_range, clip_range)
-    return 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2) * mask
-
-
-def warmup_linear_schedule(optimizer, total_steps: int, warmup_ratio: float):
-    """Linear warmup over the first warmup_ratio of steps, then linear decay to 0 (paper)."""
-    warmup = max(1, int(warmup_ratio * total_steps))
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / max(1, total_steps - warmup))))
 
 
 # ============================================================================================
@@ -1323,27 +1553,32 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def autocast(device: torch.device):
+    """bf16 mixed precision for forward passes on CUDA; exact fp32 elsewhere. Weights stay fp32 (a bf16
+    weight cannot hold an lr=1e-6 step: it would round away)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 # ============================================================================================
-# Supervised warm-up and evaluation
+# SFT warm-up, optimizers, evaluation
 # ============================================================================================
 def supervised_finetune(model, tokenizer, problems: list[dict], args: Args, device) -> float:
     """SFT on the reference solutions (the paper's RL starts from an SFT model): cross-entropy on the
     response tokens of prompt + "\\n{solution}\\n" + EOS, averaged over the tokens of a batch of
     sft_batch_size (computed in micro-batches: memory only). Returns the last step's loss."""
-    examples = [Episode(i, encode_prompt(tokenizer, p["problem"]),
-                        tokenizer(make_sft_target(p["solution"]), add_special_tokens=False)["input_ids"]
-                        + [tokenizer.eos_token_id], "", 0.0, False)
-                for i, p in enumerate(problems)]
-    steps = max(1, int(args.sft_epochs * len(examples) / args.sft_batch_size))
+    prompts = [encode_prompt(tokenizer, p["problem"]) for p in problems]
+    targets = [tokenizer(make_sft_target(p["solution"]), add_special_tokens=False)["input_ids"]
+               + [tokenizer.eos_token_id] for p in problems]
+    steps = max(1, int(args.sft_epochs * len(problems) / args.sft_batch_size))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, weight_decay=0.0)
     schedule = warmup_linear_schedule(optimizer, steps, args.warmup_ratio)
     order, loss = [], float("nan")
     model.train(args.gradient_checkpointing)  # train() only to let checkpointing run; dropout is zeroed
     for _ in tqdm(range(steps), desc="SFT warm-up", leave=False):
         if len(order) < args.sft_batch_size:
-            order += random.sample(range(len(examples)), len(examples))
+            order += random.sample(range(len(problems)), len(problems))
         rows, order = order[:args.sft_batch_size], order[args.sft_batch_size:]
-        batch = collate([examples[i] for i in rows], tokenizer.pad_token_id)
+        batch = collate([prompts[i] for i in rows], [targets[i] for i in rows], tokenizer.pad_token_id)
         n_tokens, loss = batch["response_mask"].sum(), 0.0
         for micro in torch.arange(len(rows)).split(args.micro_batch_size):
             mb = slice_batch(batch, micro, device)
@@ -1356,6 +1591,23 @@ def supervised_finetune(model, tokenizer, problems: list[dict], args: Args, devi
         optimizer.zero_grad(set_to_none=True)
     model.eval()
     return loss
+
+
+def warmup_linear_schedule(optimizer, total_steps: int, warmup_ratio: float):
+    """Linear warmup over the first warmup_ratio of steps, then linear decay to 0 (paper)."""
+    warmup = max(1, int(warmup_ratio * total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / max(1, total_steps - warmup))))
+
+
+def make_optimizers(policy, value_model, args: Args) -> tuple[list, list]:
+    """AdamW for the policy (and the critic), each with the warmup-then-linear-decay schedule over the
+    whole run's optimizer steps (paper appendix)."""
+    steps_per_iteration = math.ceil(args.prompts_per_iteration * args.samples_per_prompt / args.minibatch_size)
+    total_steps = args.iterations * args.epochs * steps_per_iteration
+    optimizers = [torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+                  for model in (policy, value_model) if model is not None]
+    return optimizers, [warmup_linear_schedule(o, total_steps, args.warmup_ratio) for o in optimizers]
 
 
 def evaluate(model, tokenizer, problems: list[dict], args: Args) -> float:
@@ -1371,176 +1623,276 @@ def evaluate(model, tokenizer, problems: list[dict], args: Args) -> float:
     return sum(rewards) / len(rewards)
 
 
-def decode_response(tokenizer, ids: list[int]) -> str:
-    """Response text; special tokens (EOS, pad) dropped, nothing else changed."""
-    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-
-def reward_of(task: str, text: str, ended: bool, answer: str) -> float:
-    """R = 1 if the final answer is right, else 0; a response cut by the length limit (no EOS) gets 0."""
-    return grade(task, text, answer) if ended else 0.0
-
-
 # ============================================================================================
-# One RL iteration: sample -> split -> credit -> update
+# A run: set up, bookkeeping after each iteration, checkpoints, signals, the end
 # ============================================================================================
-def sample_episodes(model, tokenizer, problems: list[dict], indices: list[int], args: Args) -> list[Episode]:
-    """Sample samples_per_prompt responses per problem from pi_old and grade them; a response cut by the
-    length limit gets reward 0. Then split each into steps and map the steps to tokens."""
-    prompts = {i: encode_prompt(tokenizer, problems[i]["problem"]) for i in indices}
-    owners = [i for i in indices for _ in range(args.samples_per_prompt)]
-    outputs = sample_continuations(model, [prompts[i] for i in owners], [args.max_new_tokens] * len(owners),
-                                   eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                                   temperature=args.temperature, top_p=args.top_p,
-                                   batch_size=args.rollout_batch_size, desc="sampling responses")
-    decode = functools.partial(decode_response, tokenizer)
-    episodes = []
-    for owner, (ids, ended) in zip(owners, outputs):
-        text = decode(ids)
-        reward = reward_of(args.task, text, ended, problems[owner]["answer"])
-        if args.step_split == "tokens":  # exercise: fixed-size token chunks instead of the task's steps
-            starts = chunk_starts(len(ids) - ended, args.step_chunk_tokens)
-            steps = [decode(ids[a:b]) for a, b in zip(starts, starts[1:] + [len(ids)])]
-        else:
-            steps = split_response(args.task, text)
-            starts = step_token_starts(decode, ids, steps)
-        assert 0.0 <= reward <= 1.0
-        episodes.append(Episode(owner, prompts[owner], ids, text, reward, truncated=not ended, steps=steps, step_starts=starts))
-    return episodes
+@dataclass
+class Run:
+    """What a training run holds; a checkpoint saves all of it that changes."""
+    tokenizer: object
+    policy: nn.Module
+    reference: nn.Module  # the frozen SFT model: the KL reference
+    value_model: nn.Module | None
+    optimizers: list
+    schedulers: list
+    train: list[dict]
+    validation: list[dict]  # [] when there is no separate validation set
+    test: list[dict]
+    device: torch.device
+    sampler: random.Random = field(default_factory=random.Random)  # picks each iteration's problems
+    history: list[dict] = field(default_factory=list)  # one metrics record per iteration, 0 = before RL
+    iteration: int = 0  # the last iteration saved in a checkpoint
+    nonfinite_in_a_row: int = 0  # optimizer steps skipped in a row for a non-finite loss (spans iterations)
+    start_time: float = 0.0  # wall clock of the RL part, continued on resume
 
 
-def assign_mc_advantages(model, tokenizer, episodes: list[Episode], problems: list[dict], args: Args) -> dict:
-    """VinePPO's credit: V(s_i) by Monte Carlo from every step boundary of every response (all rolled out
-    together, from pi_old, before any update), then step advantages, then one advantage per token."""
-    decode = functools.partial(decode_response, tokenizer)
-    states, gold_of = [], {}
-    for e in episodes:  # s_i = prompt + the response's own first t_i tokens (never re-tokenized text)
-        for t in e.step_starts[:args.max_states_per_response]:  # official cap: at most 25 states valued
-            state = tuple(e.prompt_ids + e.response_ids[:t])
-            states.append(state)
-            gold_of[state] = (problems[e.problem_index]["answer"], len(e.prompt_ids))
-    counts = {"tokens": 0, "truncated": 0}
-
-    def rollout(prefixes):
-        budgets = [args.max_new_tokens - (len(p) - gold_of[p][1]) for p in prefixes]  # same length limit
-        outputs = sample_continuations(model, [list(p) for p in prefixes], budgets, eos_id=tokenizer.eos_token_id,
-                                       pad_id=tokenizer.pad_token_id, temperature=args.temperature,
-                                       top_p=args.top_p, batch_size=args.rollout_batch_size, desc="MC rollouts")
-        rewards = []
-        for prefix, (ids, ended) in zip(prefixes, outputs):
-            counts["tokens"] += len(ids)
-            counts["truncated"] += not ended
-            answer, prompt_len = gold_of[prefix]
-            # grade prefix + continuation: the answer may straddle the boundary; a cut continuation scores 0
-            rewards.append(reward_of(args.task, decode(list(prefix[prompt_len:]) + ids), ended, answer))
-        return rewards
-
-    values, per_state = mc_values(states, args.mc_rollouts, rollout)
-    for e in episodes:
-        e.step_values = [values[tuple(e.prompt_ids + e.response_ids[:t])] for t in e.step_starts[:args.max_states_per_response]]
-        step_advs = step_advantages(e.step_values, e.reward, n_steps=len(e.step_starts))
-        e.token_advantages = token_advantages(step_advs, e.step_starts, len(e.response_ids))
-        assert len(e.token_advantages) == len(e.response_ids)  # one advantage per response token
-    stds = [torch.tensor(r).std(unbiased=False).item() for r in per_state.values()]
-    return {"tokens/mc": counts["tokens"], "mc/states": len(values), "mc/value_std": sum(stds) / len(stds),
-            "mc/truncated_frac": counts["truncated"] / max(1, len(values) * args.mc_rollouts)}
-
-
-@torch.inference_mode()
-def precompute(policy, reference, value_model, batch: dict, args: Args, device) -> dict:
-    """Quantities fixed during the update: log-probs of pi_old and of the reference, and old values."""
-    out = {key: torch.zeros_like(batch["response_mask"]) for key in ("logp_old", "logp_ref", "values_old")}
-    if args.offload_reference:
-        reference.to(device)  # lives on the CPU, visits the GPU only here
-    for rows in torch.arange(len(batch["input_ids"])).split(args.micro_batch_size):
-        mb = slice_batch(batch, rows, device)
-        n = mb["response_mask"].shape[1]
-        out["logp_old"][rows, -n:] = response_logprobs(policy, mb, args.temperature).cpu()
-        out["logp_ref"][rows, -n:] = response_logprobs(reference, mb, args.temperature).cpu()
-        if value_model is not None:
-            out["values_old"][rows, -n:] = response_values(value_model, mb).cpu()
+def start_run(args: Args) -> Run:
+    """Everything before the first iteration: seeds, checks that fail fast, data, the model and its SFT
+    warm-up, the frozen reference, the critic, optimizers; then the first evaluation and checkpoint, or
+    the state of the checkpoint to resume."""
+    random.seed(args.seed)  # seeding in one place
+    torch.manual_seed(args.seed)
+    device = pick_device(args.device)
+    check_hub_reachable(args)  # seconds, not minutes, when the hub is needed and cannot be reached
+    check_output_dir(args)
+    checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False) if args.resume else None
+    train, validation, test = load_task(args)
+    if args.prompts_per_iteration > len(train):
+        sys.exit(f"error: --prompts-per-iteration {args.prompts_per_iteration} is more than the {len(train)} training "
+                 f"problems; lower it or give more data")
+    validation = [] if validation is test else validation[:args.eval_problems or None]  # [] = no separate one
+    test = test[:args.eval_problems or None]
+    policy, tokenizer = load_model_and_tokenizer(args, device)
+    print(f"model {args.model} ({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M params) on {device} | "
+          f"task {args.task}: {len(train)} train, {len(validation)} validation, {len(test)} test problems | "
+          f"critic {args.critic} | output {args.output_dir}")
+    check_prompt_lengths(policy, tokenizer, train + validation + test, args)
+    os.makedirs(args.output_dir, exist_ok=True)  # the first write: every check above has passed
+    if args.sft_epochs > 0 and checkpoint is None:
+        start = time.time()
+        try:
+            loss = supervised_finetune(policy, tokenizer, train, args, device)
+        except KeyboardInterrupt:
+            sys.exit("interrupted during the SFT warm-up, before the first checkpoint: nothing was saved")
+        print(f"SFT warm-up: {args.sft_epochs:g} epochs, final loss {loss:.3f}, {time.time() - start:.0f}s")
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
     if args.offload_reference:
         reference.to("cpu")
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return out
+    value_model = ValueNetwork.from_policy(policy).eval() if args.critic == "value" else None  # a copy of the start
+    run = Run(tokenizer, policy, reference, value_model, *make_optimizers(policy, value_model, args),
+              train, validation, test, device)
+    if checkpoint is None:
+        record = {"iteration": 0}
+        evaluate_into(record, run, args)
+        print(f"pass@1 before RL: {record['eval/pass@1']:.3f} ({len(test)} held-out problems x {args.eval_samples} "
+              f"samples, T={args.eval_temperature}, {record['time/eval_s']:.0f}s)")
+        run.sampler, run.history = random.Random(args.seed + 1), [record]
+        rewrite_metrics(args, run.history)
+        save_checkpoint(args, run)
+    else:
+        restore_checkpoint(checkpoint, run)
+        rewrite_metrics(args, run.history)  # drop records written after the checkpoint
+        print(f"resumed {args.resume} after iteration {run.iteration}")
+    run.start_time = time.time() - run.history[-1].get("time/elapsed_s", 0.0)  # elapsed time continues
+    return run
 
 
-def ppo_update(policy, value_model, optimizers, schedulers, batch: dict, fixed: dict, advantages: torch.Tensor,
-               returns: torch.Tensor | None, args: Args, device, nonfinite_in_a_row: int = 0) -> dict:
-    """The PPO update shared by both methods (paper appendix): `epochs` passes, shuffled minibatches of
-    responses, token advantages whitened per minibatch, clipped surrogate averaged over tokens, plus beta
-    times the k3 KL to the reference summed per response and averaged over responses.
-    nonfinite_in_a_row: non-finite steps that ended the previous update (the streak spans iterations)."""
-    totals = {"policy_loss": 0.0, "kl": 0.0, "clipped": 0.0, "approx_kl": 0.0, "tokens": 0.0, "value_loss": 0.0,
-              "steps": 0, "skipped": 0, "nonfinite": 0}
-    n_responses = len(batch["input_ids"])
-    trained = [model for model in (policy, value_model) if model is not None]
-    for model in trained:  # train() only to let checkpointing run; dropout is zeroed
-        model.train(args.gradient_checkpointing)
-    for epoch in range(args.epochs):
-        minibatches = torch.randperm(n_responses).split(args.minibatch_size)
-        for minibatch in tqdm(minibatches, desc=f"PPO update, epoch {epoch + 1}", leave=False):
-            whitened = whiten(advantages[minibatch], batch["response_mask"][minibatch])  # [mb, T]
-            n_tokens = batch["response_mask"][minibatch].sum().item()
-            ratio_sum, parts = 0.0, {"policy_loss": 0.0, "kl": 0.0, "clipped": 0.0, "approx_kl": 0.0, "value_loss": 0.0}
-            for start in range(0, len(minibatch), args.micro_batch_size):
-                rows = minibatch[start:start + args.micro_batch_size]
-                mb = slice_batch(batch, rows, device)
-                mask, n = mb["response_mask"], mb["response_mask"].shape[1]
-                pick = lambda t: t[rows, -n:].to(device)  # noqa: E731 - right-aligned [rows, n]
-                w_adv = whitened[start:start + len(rows), -n:].to(device)
-                logp = response_logprobs(policy, mb, args.temperature)  # [rows, n]
-                pg_losses, stats = ppo_policy_loss(logp, pick(fixed["logp_old"]), w_adv, mask, args.clip_range)
-                policy_loss = pg_losses.sum() / n_tokens  # token-level mean over the minibatch
-                kl = k3_kl(logp, pick(fixed["logp_ref"]), mask).sum() / len(minibatch)  # per response, averaged
-                (policy_loss + args.kl_coef * kl).backward()
-                ratio_sum += stats["ratio_sum"]
-                parts["policy_loss"] += policy_loss.item()
-                parts["kl"] += kl.item()
-                parts["clipped"] += stats["clipped"]
-                parts["approx_kl"] += stats["approx_kl"]
-                if value_model is not None:
-                    values = response_values(value_model, mb)
-                    v_loss = value_loss(values, pick(fixed["values_old"]), pick(returns), mask, args.value_clip_range)
-                    v_loss = v_loss.sum() / n_tokens
-                    v_loss.backward()
-                    parts["value_loss"] += v_loss.item()
-            skip = ratio_sum / n_tokens > 10.0  # a minibatch whose mean ratio exceeds 10 is skipped (paper)
-            grad_norms = [torch.nn.utils.clip_grad_norm_([p for g in o.param_groups for p in g["params"]],
-                                                         args.max_grad_norm) for o in optimizers]
-            finite = all(map(math.isfinite, parts.values())) and all(map(math.isfinite, grad_norms))
-            for optimizer, scheduler in zip(optimizers, schedulers):
-                if finite and not skip:  # a non-finite loss or gradient never reaches the optimizer
-                    optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
-            if nonfinite_in_a_row >= args.max_nonfinite_steps:
-                raise FloatingPointError(f"{nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or gradient")
-            totals["nonfinite"] += not finite
-            totals["skipped"] += skip and finite
-            totals["steps"] += finite
-            totals["tokens"] += n_tokens if finite else 0
-            for key, value in parts.items():
-                totals[key] += value if finite else 0.0
-    for model in trained:
-        model.eval()
-    steps = max(1, totals["steps"])
-    out = {"losses/policy_loss": totals["policy_loss"] / steps,
-           "losses/kl": totals["kl"] / steps,  # k3 KL to the frozen reference, per response (the loss term)
-           "losses/approx_kl": totals["approx_kl"] / max(1.0, totals["tokens"]),  # pi_old -> pi, per token
-           "losses/clipfrac": totals["clipped"] / max(1.0, totals["tokens"]), "losses/skipped_minibatches": totals["skipped"],
-           "losses/nonfinite_steps": totals["nonfinite"],  # skipped: a non-finite loss or gradient
-           "losses/nonfinite_in_a_row": nonfinite_in_a_row}  # the streak at the end, carried to the next update
+@contextmanager
+def clock(record: dict, phase: str):
+    """Time one phase of an iteration into record['time/<phase>_s']."""
+    start = time.time()
+    yield
+    record[f"time/{phase}_s"] = time.time() - start
+
+
+def evaluate_into(record: dict, run: Run, args: Args) -> None:
+    """pass@1 on the test problems, and on the validation problems held out of train (to choose a checkpoint)."""
+    with clock(record, "eval"):
+        record["eval/pass@1"] = evaluate(run.policy, run.tokenizer, run.test, args)
+        if run.validation:
+            record["eval/val_pass@1"] = evaluate(run.policy, run.tokenizer, run.validation, args)
+
+
+def end_iteration(run: Run, record: dict, episodes: list[Episode], stats: dict, args: Args, stop) -> None:
+    """After the update: the iteration's metrics, an evaluation every eval_every iterations, metrics.jsonl,
+    a checkpoint every save_every iterations (and on Ctrl-C / SIGTERM, which then ends the run), the
+    one-line summary and the credit view."""
+    iteration = record["iteration"]
+    record.update({"tokens/rollout": sum(len(e.response_ids) for e in episodes),
+                   "train/reward_mean": sum(e.reward for e in episodes) / len(episodes),
+                   "train/truncated_frac": sum(e.truncated for e in episodes) / len(episodes),
+                   "train/steps_mean": sum(len(e.step_starts) for e in episodes) / len(episodes)}, **stats)
+    run.nonfinite_in_a_row = stats["losses/nonfinite_in_a_row"]
+    if iteration % args.eval_every == 0 or iteration == args.iterations:
+        evaluate_into(record, run, args)
+    record["time/elapsed_s"] = time.time() - run.start_time
+    log_metrics(args, record)
+    run.history.append(record)
+    if stop.received or (args.save_every and iteration % args.save_every == 0) or iteration == args.iterations:
+        run.iteration = iteration
+        save_checkpoint(args, run)
+    extra = (f"mc_std {record['mc/value_std']:.2f}" if args.critic == "mc"
+             else f"v_loss {record['losses/value_loss']:.3f} ev {record['value/explained_variance']:.2f}"
+             if args.critic == "value" else f"|A| {record['group/advantage_abs']:.2f}")
+    evaluated = f" | pass@1 {record['eval/pass@1']:.3f}" if "eval/pass@1" in record else ""
+    tqdm.write(f"iter {iteration:3d} | reward {record['train/reward_mean']:.3f}{evaluated} | "
+               f"pg {record['losses/policy_loss']:+.4f} kl {record['losses/kl']:.4f} "
+               f"clip {record['losses/clipfrac']:.3f} | {extra} | rollout {record['time/rollout_s']:.1f}s "
+               f"credit {record['time/credit_s']:.1f}s update {record['time/update_s']:.1f}s")
+    if args.show_credit and "eval/pass@1" in record:
+        print_credit(run.tokenizer, episodes, run.train, iteration, args)
+    if stop.received:
+        print(f"stopped by {signal.Signals(stop.received).name} after iteration {iteration}: checkpoint saved "
+              f"to {os.path.join(args.output_dir, 'checkpoint.pt')}; continue with: python vineppo.py "
+              f"--output-dir {args.output_dir} --resume", file=sys.stderr)
+        sys.exit(128 + stop.received)
+
+
+def finish_run(run: Run, args: Args) -> dict:
+    """The final checkpoint (policy, tokenizer, critic, settings), curves.png and the before/after line."""
+    final = save_final(run.policy, run.tokenizer, run.value_model, args)
+    try:
+        plot_curves([args.output_dir], os.path.join(args.output_dir, "curves.png"))
+    except ImportError:
+        print("matplotlib is not installed: no curves.png (pip install matplotlib)")
+    evaluated = [r["eval/pass@1"] for r in run.history if "eval/pass@1" in r]
+    before, after = evaluated[0], evaluated[-1]
+    print(f"pass@1 before RL {before:.3f} -> after RL {after:.3f} ({after - before:+.3f}) | "
+          f"{args.iterations} iterations in {time.time() - run.start_time:.0f}s | checkpoint {final}")
+    return {"before": before, "after": after, "history": run.history[1:], "final_dir": final, "policy": run.policy,
+            "reference": run.reference, "value_model": run.value_model}
+
+
+def check_output_dir(args: Args) -> None:
+    """Before anything is loaded: refuse a directory that holds a run (unless --overwrite or --resume) or
+    that cannot be written. Nothing is created yet, so a run that fails while loading leaves nothing."""
+    held = [name for name in ("metrics.jsonl", "checkpoint.pt", "final") if os.path.exists(os.path.join(args.output_dir, name))]
+    own_run = args.resume and os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(args.output_dir)
+    if held and not (args.overwrite or own_run):  # resuming writes into the checkpoint's own run only
+        sys.exit(f"error: {args.output_dir} already holds a run ({', '.join(held)}); continue it with --resume, "
+                 f"replace it with --overwrite, or choose another --output-dir")
+    existing = os.path.abspath(args.output_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        sys.exit(f"error: cannot write to --output-dir {args.output_dir!r} ({existing} is not a writable directory); "
+                 f"choose another")
+
+
+def write_atomically(path: str, write) -> None:
+    """write(temporary_path), then rename over path: a crash mid-write never leaves a half-written file."""
+    temporary = path + ".tmp"
+    write(temporary)
+    os.replace(temporary, path)
+
+
+def rng_states() -> dict:
+    states = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.backends.mps.is_available():
+        states["mps"] = torch.mps.get_rng_state()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    if "mps" in states and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(states["mps"])
+
+
+def all_finite(*models) -> bool:
+    return all(bool(torch.isfinite(p).all()) for model in models if model is not None for p in model.parameters())
+
+
+def save_checkpoint(args: Args, run: Run) -> str:
+    """Everything needed to continue the run exactly (nanoGPT's resume): weights, optimizer and schedule
+    states, every random state, the settings and the metrics so far. Written atomically; never with NaNs."""
+    if not all_finite(run.policy, run.value_model):
+        raise FloatingPointError("non-finite weights: refusing to overwrite the last good checkpoint")
+    state = {"iteration": run.iteration, "args": asdict(args), "policy": run.policy.state_dict(),
+             "reference": run.reference.state_dict(), "value": run.value_model.state_dict() if run.value_model else None,
+             "optimizers": [o.state_dict() for o in run.optimizers], "schedulers": [s.state_dict() for s in run.schedulers],
+             "rng": rng_states(), "sampler": run.sampler.getstate(), "history": run.history,
+             "nonfinite_in_a_row": run.nonfinite_in_a_row}
+    path = os.path.join(args.output_dir, "checkpoint.pt")
+    write_atomically(path, lambda temporary: torch.save(state, temporary))
+    return path
+
+
+def restore_checkpoint(checkpoint: dict, run: Run) -> None:
+    run.policy.load_state_dict(checkpoint["policy"])
+    run.reference.load_state_dict(checkpoint["reference"])
+    if run.value_model is not None:
+        run.value_model.load_state_dict(checkpoint["value"])
+    for owner, states in [(run.optimizers, checkpoint["optimizers"]), (run.schedulers, checkpoint["schedulers"])]:
+        for item, state in zip(owner, states):
+            item.load_state_dict(state)
+    run.sampler.setstate(checkpoint["sampler"])
+    run.history, run.iteration = checkpoint["history"], checkpoint["iteration"]
+    run.nonfinite_in_a_row = checkpoint.get("nonfinite_in_a_row", 0)
+    set_rng_states(checkpoint["rng"])  # last: building the models above drew random numbers
+
+
+class StopSignals:
+    """`with StopSignals() as stop:` Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current
+    iteration and save a checkpoint; a second one exits at once (checkpoints are written atomically).
+    A FloatingPointError (non-finite steps in a row) inside ends the run with one line."""
+
+    def __init__(self, run: Run | None = None, args: Args | None = None):
+        self.received, self.previous, self.run, self.args = None, {}, run, args
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        if self.received is not None:
+            print(f"\n{signal.Signals(signum).name} again: exiting now", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.received = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this iteration, then saving a checkpoint "
+              f"(press Ctrl-C again to quit at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        if kind is FloatingPointError and self.run is not None:  # the NaN never reached the weights or a checkpoint
+            sys.exit(f"error: {error} in iteration {len(self.run.history)}; the last good checkpoint is "
+                     f"{os.path.join(self.args.output_dir, 'checkpoint.pt')} (iteration {self.run.iteration}): "
+                     f"resume it with --resume, or start again with a lower --lr")
+
+
+def save_final(policy, tokenizer, value_model, args: Args) -> str:
+    """Write the final checkpoint to a temporary directory, then rename it: never a half-written one."""
+    final, temporary = os.path.join(args.output_dir, "final"), os.path.join(args.output_dir, "final.tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    policy.save_pretrained(temporary)
+    tokenizer.save_pretrained(temporary)
     if value_model is not None:
-        out["losses/value_loss"] = totals["value_loss"] / steps
-    return out
+        value_model.save(os.path.join(temporary, "value"))
+    with open(os.path.join(temporary, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=2)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(temporary, final)
+    return final
 
 
-def explained_variance(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> float:
-    """1 - Var(target - predicted) / Var(target) over masked entries: 1 is perfect, 0 is a constant guess."""
-    return float(1 - masked_mean_var(target - predicted, mask)[1] / masked_mean_var(target, mask)[1].clamp(min=1e-8))
+def log_metrics(args: Args, record: dict) -> None:
+    with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def rewrite_metrics(args: Args, history: list[dict]) -> None:
+    """metrics.jsonl holds exactly the records of `history` (a resumed run drops what came after its checkpoint)."""
+    def write(temporary):
+        with open(temporary, "w") as f:
+            f.writelines(json.dumps(record) + "\n" for record in history)
+    write_atomically(os.path.join(args.output_dir, "metrics.jsonl"), write)
 
 
 # ============================================================================================
@@ -1581,14 +1933,15 @@ def format_credit(tokenizer, episode: Episode, *, problem: dict | None = None, c
         assign_mc_advantages(model, tokenizer, [e], [problem], args)   # fills e.step_values, e.token_advantages
         print(format_credit(tokenizer, e, problem=problem))
     """
-    paint = (lambda text, adv: f"\033[{32 if adv > 0 else 31}m{text}\033[0m" if color and adv != 0 else text)
-    number = lambda v: "   -" if v is None else f"{v:4.2f}"  # noqa: E731
     lines = [f"problem: {problem['problem']} (gold {problem['answer']})"] if problem else []
     lines.append("  V before -> after | advantage | step")
     for row in credit_rows(tokenizer, episode):
+        before, after = ("   -" if v is None else f"{v:4.2f}" for v in (row["value_before"], row["value_after"]))
         step = row["text"].strip("\n").replace("\n", "\\n")  # a step starts with its newline; show the rest
-        lines.append(paint(f"      {number(row['value_before'])} -> {number(row['value_after'])} | "
-                           f"{row['advantage']:+9.3f} | {step}", row["advantage"]))
+        line = f"      {before} -> {after} | {row['advantage']:+9.3f} | {step}"
+        if color and row["advantage"] != 0:  # green up, red down
+            line = f"\033[{32 if row['advantage'] > 0 else 31}m{line}\033[0m"
+        lines.append(line)
     answer = extract_gsm8k_answer(episode.text) if "####" in episode.text else last_boxed(episode.text)
     lines.append(f"  answer {answer} | reward {episode.reward:g}" + (" (cut by the length limit)" if episode.truncated else ""))
     return "\n".join(lines)
@@ -1682,291 +2035,6 @@ def plot_command(argv: list[str]) -> str:
         sys.exit(f"error: cannot write --output {options.output!r} ({str(error).splitlines()[0]}); choose a writable .png path")
     print(f"wrote {path}")
     return path
-
-
-# ============================================================================================
-# Main: set up, warm up, then iterate
-# ============================================================================================
-def check_output_dir(args: Args) -> None:
-    """Before anything is loaded: refuse a directory that holds a run (unless --overwrite or --resume) or
-    that cannot be written. Nothing is created yet, so a run that fails while loading leaves nothing."""
-    held = [name for name in ("metrics.jsonl", "checkpoint.pt", "final") if os.path.exists(os.path.join(args.output_dir, name))]
-    own_run = args.resume and os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(args.output_dir)
-    if held and not (args.overwrite or own_run):  # resuming writes into the checkpoint's own run only
-        sys.exit(f"error: {args.output_dir} already holds a run ({', '.join(held)}); continue it with --resume, "
-                 f"replace it with --overwrite, or choose another --output-dir")
-    existing = os.path.abspath(args.output_dir)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        sys.exit(f"error: cannot write to --output-dir {args.output_dir!r} ({existing} is not a writable directory); "
-                 f"choose another")
-
-
-def write_atomically(path: str, write) -> None:
-    """write(temporary_path), then rename over path: a crash mid-write never leaves a half-written file."""
-    temporary = path + ".tmp"
-    write(temporary)
-    os.replace(temporary, path)
-
-
-def rng_states() -> dict:
-    states = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    if torch.backends.mps.is_available():
-        states["mps"] = torch.mps.get_rng_state()
-    if "numpy" in sys.modules:
-        states["numpy"] = sys.modules["numpy"].random.get_state()
-    return states
-
-
-def set_rng_states(states: dict) -> None:
-    random.setstate(states["python"])
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-    if "mps" in states and torch.backends.mps.is_available():
-        torch.mps.set_rng_state(states["mps"])
-    if "numpy" in states:
-        import numpy
-        numpy.random.set_state(states["numpy"])
-
-
-def all_finite(*models) -> bool:
-    return all(bool(torch.isfinite(p).all()) for model in models if model is not None for p in model.parameters())
-
-
-def save_checkpoint(args: Args, iteration: int, policy, reference, value_model, optimizers, schedulers,
-                    sampler: random.Random, history: list[dict]) -> str:
-    """Everything needed to continue the run exactly (nanoGPT's resume): weights, optimizer and schedule
-    states, every random state, the settings and the metrics so far. Written atomically; never with NaNs."""
-    if not all_finite(policy, value_model):
-        raise FloatingPointError("non-finite weights: refusing to overwrite the last good checkpoint")
-    state = {"iteration": iteration, "args": asdict(args), "policy": policy.state_dict(),
-             "reference": reference.state_dict(), "value": value_model.state_dict() if value_model else None,
-             "optimizers": [o.state_dict() for o in optimizers], "schedulers": [s.state_dict() for s in schedulers],
-             "rng": rng_states(), "sampler": sampler.getstate(), "history": history}
-    path = os.path.join(args.output_dir, "checkpoint.pt")
-    write_atomically(path, lambda temporary: torch.save(state, temporary))
-    return path
-
-
-def restore_checkpoint(checkpoint: dict, policy, reference, value_model, optimizers, schedulers,
-                       sampler: random.Random) -> None:
-    policy.load_state_dict(checkpoint["policy"])
-    reference.load_state_dict(checkpoint["reference"])
-    if value_model is not None:
-        value_model.load_state_dict(checkpoint["value"])
-    for optimizer, state in zip(optimizers, checkpoint["optimizers"]):
-        optimizer.load_state_dict(state)
-    for scheduler, state in zip(schedulers, checkpoint["schedulers"]):
-        scheduler.load_state_dict(state)
-    sampler.setstate(checkpoint["sampler"])
-    set_rng_states(checkpoint["rng"])  # last: building the models above drew random numbers
-
-
-class StopSignals:
-    """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current iteration and save a checkpoint;
-    a second one exits at once (the last checkpoint stays intact: checkpoints are written atomically)."""
-
-    def __init__(self):
-        self.received, self.previous = None, {}
-        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
-            self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def handle(self, signum, frame):
-        if self.received is not None:
-            print(f"\n{signal.Signals(signum).name} again: exiting now", file=sys.stderr, flush=True)
-            os._exit(128 + signum)
-        self.received = signum
-        print(f"\n{signal.Signals(signum).name}: finishing this iteration, then saving a checkpoint "
-              f"(press Ctrl-C again to quit at once)", file=sys.stderr, flush=True)
-
-    def restore(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-def save_final(policy, tokenizer, value_model, args: Args) -> str:
-    """Write the final checkpoint to a temporary directory, then rename it: never a half-written one."""
-    final, temporary = os.path.join(args.output_dir, "final"), os.path.join(args.output_dir, "final.tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    policy.save_pretrained(temporary)
-    tokenizer.save_pretrained(temporary)
-    if value_model is not None:
-        value_model.save(os.path.join(temporary, "value"))
-    with open(os.path.join(temporary, "args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=2)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(temporary, final)
-    return final
-
-
-def log_metrics(args: Args, record: dict) -> None:
-    with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def rewrite_metrics(args: Args, history: list[dict]) -> None:
-    """metrics.jsonl holds exactly the records of `history` (a resumed run drops what came after its checkpoint)."""
-    def write(temporary):
-        with open(temporary, "w") as f:
-            f.writelines(json.dumps(record) + "\n" for record in history)
-    write_atomically(os.path.join(args.output_dir, "metrics.jsonl"), write)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if "--plot" in argv:  # not a run: draw the curves of finished runs into one figure and stop
-        return {"figure": plot_command(argv)}
-    args = parse_args(argv)
-    random.seed(args.seed)  # seeding in one place
-    torch.manual_seed(args.seed)
-    device = pick_device(args.device)
-    check_hub_reachable(args)  # seconds, not minutes, when the hub is needed and cannot be reached
-    check_output_dir(args)
-    checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False) if args.resume else None
-
-    train, validation, test = load_task(args)
-    if args.prompts_per_iteration > len(train):
-        sys.exit(f"error: --prompts-per-iteration {args.prompts_per_iteration} is more than the {len(train)} training "
-                 f"problems; lower it or give more data")
-    cap = lambda problems: problems[:args.eval_problems] if args.eval_problems else problems  # noqa: E731
-    test, validation = cap(test), (cap(validation) if validation is not test else [])  # [] = no separate one
-    policy, tokenizer = load_model_and_tokenizer(args, device)
-    n_params = sum(p.numel() for p in policy.parameters())
-    print(f"model {args.model} ({n_params / 1e6:.2f}M params) on {device} | task {args.task}: {len(train)} train, "
-          f"{len(validation)} validation, {len(test)} test problems | critic {args.critic} | output {args.output_dir}")
-    check_prompt_lengths(policy, tokenizer, train + validation + test, args)
-    os.makedirs(args.output_dir, exist_ok=True)  # the first write: every check above has passed
-
-    if args.sft_epochs > 0 and checkpoint is None:
-        start = time.time()
-        try:
-            loss = supervised_finetune(policy, tokenizer, train, args, device)
-        except KeyboardInterrupt:
-            sys.exit("interrupted during the SFT warm-up, before the first checkpoint: nothing was saved")
-        print(f"SFT warm-up: {args.sft_epochs:g} epochs, final loss {loss:.3f}, {time.time() - start:.0f}s")
-    reference = copy.deepcopy(policy).eval().requires_grad_(False)  # frozen SFT model: the KL reference
-    if args.offload_reference:
-        reference.to("cpu")
-    value_model = ValueNetwork.from_policy(policy).eval() if args.critic == "value" else None  # a copy of the start model
-
-    steps_per_iteration = math.ceil(args.prompts_per_iteration * args.samples_per_prompt / args.minibatch_size)
-    total_steps = args.iterations * args.epochs * steps_per_iteration
-    optimizers = [torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)]
-    if value_model is not None:
-        optimizers.append(torch.optim.AdamW(value_model.parameters(), lr=args.lr, weight_decay=0.0))
-    schedulers = [warmup_linear_schedule(o, total_steps, args.warmup_ratio) for o in optimizers]
-
-    if checkpoint is None:
-        start = time.time()
-        before = evaluate(policy, tokenizer, test, args)
-        print(f"pass@1 before RL: {before:.3f} ({len(test)} held-out problems x {args.eval_samples} samples, "
-              f"T={args.eval_temperature}, {time.time() - start:.0f}s)")
-        record = {"iteration": 0, "eval/pass@1": before, "time/eval_s": time.time() - start}
-        if validation:  # the held-out part of train, evaluated alongside (for choosing a checkpoint)
-            record["eval/val_pass@1"] = evaluate(policy, tokenizer, validation, args)
-        sampler = random.Random(args.seed + 1)
-        history, saved_at = [record], 0
-        rewrite_metrics(args, history)
-        save_checkpoint(args, 0, policy, reference, value_model, optimizers, schedulers, sampler, history)
-    else:
-        sampler = random.Random()
-        restore_checkpoint(checkpoint, policy, reference, value_model, optimizers, schedulers, sampler)
-        history, saved_at = checkpoint["history"], checkpoint["iteration"]
-        rewrite_metrics(args, history)  # drop records written after the checkpoint
-        print(f"resumed {args.resume} after iteration {saved_at}")
-    before = history[0]["eval/pass@1"]
-    after = [r["eval/pass@1"] for r in history if "eval/pass@1" in r][-1]
-    run_start = time.time() - history[-1].get("time/elapsed_s", 0.0)  # elapsed time continues
-
-    stop = StopSignals()
-    try:
-        for iteration in tqdm(range(saved_at + 1, args.iterations + 1), desc="RL iterations", initial=saved_at,
-                              total=args.iterations):
-            record = {"iteration": iteration}
-            # 1. sample responses from pi_old and grade them
-            start = time.time()
-            indices = sampler.sample(range(len(train)), args.prompts_per_iteration)  # distinct problems
-            episodes = sample_episodes(policy, tokenizer, train, indices, args)
-            record["time/rollout_s"] = time.time() - start
-            record["tokens/rollout"] = sum(len(e.response_ids) for e in episodes)
-            record["train/reward_mean"] = sum(e.reward for e in episodes) / len(episodes)
-            record["train/truncated_frac"] = sum(e.truncated for e in episodes) / len(episodes)
-            record["train/steps_mean"] = sum(len(e.step_starts) for e in episodes) / len(episodes)
-
-            # 2. credit assignment: the ONLY place where the two methods differ
-            start = time.time()
-            batch = collate(episodes, tokenizer.pad_token_id)
-            fixed = precompute(policy, reference, value_model, batch, args, device)
-            if args.critic in ("mc", "grpo", "rloo"):  # each fills e.token_advantages
-                if args.critic == "mc":
-                    record.update(assign_mc_advantages(policy, tokenizer, episodes, train, args))
-                else:  # grpo, rloo: one advantage per response, from its group; no value of any state
-                    record.update(assign_group_advantages(episodes, args.critic))
-                advantages, returns = right_aligned([e.token_advantages for e in episodes], batch["response_mask"].shape[1]), None
-            else:  # value
-                rewards = right_aligned([[0.0] * (len(e.response_ids) - 1) + [e.reward] for e in episodes],
-                                        batch["response_mask"].shape[1])  # R on the last response token
-                advantages, returns = gae_advantages(rewards, fixed["values_old"], batch["response_mask"],
-                                                     gamma=args.gamma, lam=args.gae_lambda)
-                record["tokens/mc"] = 0
-                record["value/explained_variance"] = explained_variance(fixed["values_old"], returns, batch["response_mask"])
-                store_critic_credit(episodes, advantages, fixed["values_old"])  # for the credit view
-            record["time/credit_s"] = time.time() - start
-
-            # 3. PPO update, identical for both methods
-            start = time.time()
-            try:
-                record.update(ppo_update(policy, value_model, optimizers, schedulers, batch, fixed, advantages, returns,
-                                         args, device, history[-1].get("losses/nonfinite_in_a_row", 0)))
-            except FloatingPointError as error:  # the NaN never reached the weights or a checkpoint
-                sys.exit(f"error: {error} in iteration {iteration}; the last good checkpoint is "
-                         f"{os.path.join(args.output_dir, 'checkpoint.pt')} (iteration {saved_at}): resume it "
-                         f"with --resume, or start again with a lower --lr")
-            record["time/update_s"] = time.time() - start
-
-            if iteration % args.eval_every == 0 or iteration == args.iterations:
-                start = time.time()
-                record["eval/pass@1"] = after = evaluate(policy, tokenizer, test, args)
-                if validation:
-                    record["eval/val_pass@1"] = evaluate(policy, tokenizer, validation, args)
-                record["time/eval_s"] = time.time() - start
-            record["time/elapsed_s"] = time.time() - run_start
-            log_metrics(args, record)
-            history.append(record)
-            if stop.received or (args.save_every and iteration % args.save_every == 0) or iteration == args.iterations:
-                save_checkpoint(args, iteration, policy, reference, value_model, optimizers, schedulers, sampler, history)
-                saved_at = iteration
-            extra = (f"mc_std {record['mc/value_std']:.2f}" if args.critic == "mc"
-                     else f"v_loss {record['losses/value_loss']:.3f} ev {record['value/explained_variance']:.2f}"
-                     if args.critic == "value" else f"|A| {record['group/advantage_abs']:.2f}")
-            evaluated = f" | pass@1 {record['eval/pass@1']:.3f}" if "eval/pass@1" in record else ""
-            tqdm.write(f"iter {iteration:3d} | reward {record['train/reward_mean']:.3f}{evaluated} | "
-                       f"pg {record['losses/policy_loss']:+.4f} kl {record['losses/kl']:.4f} "
-                       f"clip {record['losses/clipfrac']:.3f} | {extra} | rollout {record['time/rollout_s']:.1f}s "
-                       f"credit {record['time/credit_s']:.1f}s update {record['time/update_s']:.1f}s")
-            if args.show_credit and "eval/pass@1" in record:
-                print_credit(tokenizer, episodes, train, iteration, args)
-            if stop.received:
-                print(f"stopped by {signal.Signals(stop.received).name} after iteration {iteration}: checkpoint saved "
-                      f"to {os.path.join(args.output_dir, 'checkpoint.pt')}; continue with: python vineppo.py "
-                      f"--output-dir {args.output_dir} --resume", file=sys.stderr)
-                sys.exit(128 + stop.received)
-    finally:
-        stop.restore()
-
-    final = save_final(policy, tokenizer, value_model, args)
-    try:
-        plot_curves([args.output_dir], os.path.join(args.output_dir, "curves.png"))
-    except ImportError:
-        print("matplotlib is not installed: no curves.png (pip install matplotlib)")
-    print(f"pass@1 before RL {before:.3f} -> after RL {after:.3f} ({after - before:+.3f}) | "
-          f"{args.iterations} iterations in {time.time() - run_start:.0f}s | checkpoint {final}")
-    return {"before": before, "after": after, "history": history[1:], "final_dir": final, "policy": policy,
-            "reference": reference, "value_model": value_model}
 
 
 if __name__ == "__main__":

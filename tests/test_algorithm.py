@@ -756,13 +756,17 @@ def test_docstring_examples_hold():
 # ============================================================================================
 # 11. batching: collate and right_aligned
 # ============================================================================================
+def collate_episodes(episodes, pad_id):
+    return vineppo.collate([e.prompt_ids for e in episodes], [e.response_ids for e in episodes], pad_id)
+
+
 def _episode(prompt, response):
     return vineppo.Episode(0, prompt, response, "", 0.0, False)
 
 
 def test_collate_left_pads_and_right_aligns_responses():
     """Worked by hand: rows [9, 5,6,7 | 8,9] and [5,6 | 10,11,12,13] with pad 99."""
-    batch = vineppo.collate([_episode([5, 6, 7], [8, 9]), _episode([5, 6], [10, 11, 12, 13])], pad_id=99)
+    batch = collate_episodes([_episode([5, 6, 7], [8, 9]), _episode([5, 6], [10, 11, 12, 13])], pad_id=99)
     assert batch["input_ids"].tolist() == [[99, 5, 6, 7, 8, 9], [5, 6, 10, 11, 12, 13]]
     assert batch["attention_mask"].tolist() == [[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]
     assert batch["response_mask"].tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
@@ -776,7 +780,7 @@ def test_collate_response_mask_marks_exactly_the_response_tokens():
     rng = random.Random(3)
     episodes = [_episode([rng.randint(3, 50) for _ in range(rng.randint(1, 6))],
                          [rng.randint(3, 50) for _ in range(rng.randint(1, 7))]) for _ in range(6)]
-    batch = vineppo.collate(episodes, pad_id=0)
+    batch = collate_episodes(episodes, pad_id=0)
     T = max(len(e.response_ids) for e in episodes)
     assert batch["response_mask"].shape == (6, T)
     for b, e in enumerate(episodes):
@@ -794,7 +798,7 @@ def test_right_aligned_matches_collate_layout():
     out = vineppo.right_aligned([[1.0, 2.0], [3.0, 4.0, 5.0, 6.0], []], 4)
     assert out.tolist() == [[0, 0, 1, 2], [3, 4, 5, 6], [0, 0, 0, 0]]
     episodes = [_episode([1], [2, 3]), _episode([1, 1, 1], [4]), _episode([1], [5, 6, 7])]
-    batch = vineppo.collate(episodes, pad_id=0)
+    batch = collate_episodes(episodes, pad_id=0)
     ones = vineppo.right_aligned([[1.0] * len(e.response_ids) for e in episodes], batch["response_mask"].shape[1])
     assert torch.equal(ones, batch["response_mask"])
 
@@ -820,7 +824,7 @@ def test_response_logprobs_match_manual_log_softmax(tiny, temperature):
     """On one unpadded sequence: log_softmax(logits / T) at each response token, gathered by hand."""
     tok, model = tiny
     e = _char_episode(tok, vineppo.make_prompt("Start at 3: +4."), "\n3+4=7\n#### 7")
-    batch = vineppo.collate([e], tok.pad_token_id)
+    batch = collate_episodes([e], tok.pad_token_id)
     with torch.no_grad():
         got = vineppo.response_logprobs(model, batch, temperature)
         ids = torch.tensor([e.prompt_ids + e.response_ids])
@@ -837,9 +841,9 @@ def test_response_logprobs_left_padding_changes_nothing(tiny):
     short = _char_episode(tok, vineppo.make_prompt("Start at 2: +1."), "\n2+1=3\n#### 3")
     long = _char_episode(tok, vineppo.make_prompt("Start at 9: *8, -5, +7."), "\n9*8=72\n72-5=67\n67+7=74\n#### 74")
     with torch.no_grad():
-        alone = vineppo.response_logprobs(model, vineppo.collate([short], tok.pad_token_id), 0.6)
-        both = vineppo.response_logprobs(model, vineppo.collate([short, long], tok.pad_token_id), 0.6)
-        long_alone = vineppo.response_logprobs(model, vineppo.collate([long], tok.pad_token_id), 0.6)
+        alone = vineppo.response_logprobs(model, collate_episodes([short], tok.pad_token_id), 0.6)
+        both = vineppo.response_logprobs(model, collate_episodes([short, long], tok.pad_token_id), 0.6)
+        long_alone = vineppo.response_logprobs(model, collate_episodes([long], tok.pad_token_id), 0.6)
     n = len(short.response_ids)
     assert both.shape == (2, len(long.response_ids))
     assert torch.allclose(both[0, -n:], alone[0], atol=1e-5)
@@ -852,7 +856,7 @@ def test_ppo_ratio_is_one_before_any_update(tiny):
     tok, model = tiny
     episodes = [_char_episode(tok, vineppo.make_prompt("Start at 2: +1."), "\n2+1=3\n#### 3"),
                 _char_episode(tok, vineppo.make_prompt("Start at 9: *8."), "\n9*8=72\n#### 72")]
-    batch = vineppo.collate(episodes, tok.pad_token_id)
+    batch = collate_episodes(episodes, tok.pad_token_id)
     with torch.no_grad():
         logp_old = vineppo.response_logprobs(model, batch, 0.6)
     logp = vineppo.response_logprobs(model, batch, 0.6)
@@ -879,7 +883,7 @@ def test_response_logprobs_equal_the_sampling_distribution_of_generate(tiny):
         response = response[:response.index(tok.eos_token_id) + 1]
     sampled = [torch.log_softmax(out.scores[j][0].double(), -1)[t].item() for j, t in enumerate(response)]
     with torch.no_grad():
-        got = vineppo.response_logprobs(model, vineppo.collate([_episode(prompt, response)], tok.pad_token_id), 0.6)
+        got = vineppo.response_logprobs(model, collate_episodes([_episode(prompt, response)], tok.pad_token_id), 0.6)
     assert got[0].tolist() == pytest.approx(sampled, abs=1e-4)
 
 

@@ -197,7 +197,7 @@ def test_value_network_predictions_match_the_values_ppo_trains(tok):
         torch.nn.init.normal_(value_model.head.weight)  # a non-zero head
     prompt = vineppo.encode_prompt(tok, "Start at 3: +4.")
     responses = [ids(tok, "\n3+4=7\n#### 7") + [tok.eos_token_id], ids(tok, "\n3+4=8\n#### 8")]
-    batch = vineppo.collate([vineppo.Episode(0, prompt, r, "", 0.0, False) for r in responses], tok.pad_token_id)
+    batch = vineppo.collate([prompt] * len(responses), responses, tok.pad_token_id)
     with torch.inference_mode():
         trained = vineppo.response_values(value_model, vineppo.slice_batch(batch, torch.arange(2), "cpu"))
     width = trained.shape[1]
