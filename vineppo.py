@@ -1553,10 +1553,13 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+BF16_ON_CPU = False  # tests/rehearse_gpu_path.py sets it: the CUDA precision path, rehearsed on a CPU
+
+
 def autocast(device: torch.device):
     """bf16 mixed precision for forward passes on CUDA; exact fp32 elsewhere. Weights stay fp32 (a bf16
     weight cannot hold an lr=1e-6 step: it would round away)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or BF16_ON_CPU)
 
 
 # ============================================================================================
