@@ -44,7 +44,10 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
-from transformers import GenerationConfig
+from packaging.version import Version
+from transformers import GenerationConfig, __version__ as transformers_version
+
+GENERATE_CACHE_KWARG = "cache" if Version(transformers_version) >= Version("5.24") else "past_key_values"  # renamed
 
 
 # ############################################################################################
@@ -65,8 +68,9 @@ class Args:
     'grpo' / 'rloo' = one advantage per response from its group of samples (no critic)"""
     mc_rollouts: int = 9
     """K, continuations sampled from each state to estimate its value (paper: 9)"""
-    iterations: int = 500
-    """number of RL iterations (sample -> credit -> update); 0 = SFT and evaluate only, then save"""
+    iterations: int = -1
+    """RL iterations (sample -> credit -> update), they set the LR decay; -1 = the paper's (650 GSM8K, 1000 MATH);
+    0 = SFT and evaluate only, then save"""
     seed: int = 0
     """seed for python, torch and the task generator"""
     output_dir: str = ""
@@ -97,8 +101,9 @@ class Args:
     """how responses are cut into steps: 'line' = the task's rule (paper), 'tokens' = fixed-size token chunks"""
     step_chunk_tokens: int = 8
     """tokens per step with --step-split tokens"""
-    max_states_per_response: int = 25
-    """only the first this-many states of a response are valued; later steps get advantage 0 (official: 25)"""
+    max_states_per_response: int = -1
+    """states valued per response, s_0 included; later states get V = R; -1 = the official's (26 on GSM8K and
+    the built-in task, no cap on MATH); 0 = no cap"""
     rollout_batch_size: int = 256
     """most sequences in one `generate` call (the memory bound of the rollout phases)"""
     gradient_checkpointing: bool = False
@@ -295,6 +300,18 @@ def shared_prefix_cache(model, input_ids: torch.Tensor, attention_mask: torch.Te
     return cache
 
 
+@contextmanager
+def library_generation_defaults(model):
+    """The library's defaults as the model's own generation config for the duration, restored after: `generate`
+    fills every field a GenerationConfig leaves unset from the model's (a checkpoint's saved repetition_penalty,
+    no_repeat_ngram_size, ...), which would change the distribution the samples come from."""
+    saved, model.generation_config = model.generation_config, GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
 @torch.inference_mode()
 def sample_continuations(model, prefixes: list[list[int]], budgets: list[int], *, eos_id: int, pad_id: int,
                          temperature: float, top_p: float, batch_size: int, desc: str = "sampling",
@@ -316,14 +333,14 @@ def sample_continuations(model, prefixes: list[list[int]], budgets: list[int], *
     for rows in tqdm(batches, desc=desc, leave=False, disable=not progress):
         input_ids, attention_mask = (t.to(device) for t in left_pad([prefixes[i] for i in rows], pad_id))  # [rows, width]
         width = input_ids.shape[1]
-        # A fresh GenerationConfig, so nothing from the model's saved one (repetition_penalty, top_k=50, ...)
-        # changes the distribution: samples must come from pi_old at this temperature and top_p, exactly.
+        # Samples must come from pi_old at this temperature and top_p, exactly: top_k=0 turns off the library's
+        # default top-k of 50, and nothing comes from the model's saved config (library_generation_defaults).
         config = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
                                   max_new_tokens=max(budgets[i] for i in rows), eos_token_id=eos_id, pad_token_id=pad_id)
-        with autocast(device):
+        with autocast(device), library_generation_defaults(model):
             cache = shared_prefix_cache(model, input_ids, attention_mask) if share_prefixes else None
-            output = model.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
-                                    generation_config=config)
+            output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                    **{GENERATE_CACHE_KWARG: cache})
         new_tokens = output[:, width:].tolist()  # [rows, <= max budget]
         for r, i in enumerate(rows):
             ids = new_tokens[r][:budgets[i]]
@@ -366,6 +383,12 @@ def episode_states(e: Episode, max_states: int | None = None) -> list[tuple[int,
     """The states of a response: s_0 = the prompt, s_i = prompt + the response's own first t_i tokens
     (t_i = where step i starts; never re-tokenized text). Only the first max_states (None: all)."""
     return [tuple(e.prompt_ids + e.response_ids[:t]) for t in e.step_starts[:max_states]]
+
+
+def state_cap(args: Args) -> int | None:
+    """States valued per response (None: all). Official: s_0 + 25 step states on GSM8K, no cap on MATH."""
+    cap = args.max_states_per_response
+    return None if cap == 0 or (cap == -1 and args.task == "math") else 26 if cap == -1 else cap
 
 
 def sample_from_states(model, tokenizer, states: list[tuple[int, ...]], prompt_lens: list[int], args: Args, *,
@@ -421,14 +444,13 @@ def step_advantages(values: list[float], reward: float, n_steps: int | None = No
     >>> step_advantages([0.5, 0.25, 1.0], reward=1.0)
     [-0.25, 0.75, 0.0]
 
-    If only the first len(values) of n_steps states were valued (the official cap of 25 states per
-    response), the steps whose end state has no value get advantage 0:
+    If only the first len(values) of n_steps states were valued (the official GSM8K cap), every later
+    state gets V = R, filled back from the return: the last valued step gets R - V(s_last), later steps
+    0, and the sum is still R - V(s_0).
     >>> step_advantages([0.5, 0.25], reward=1.0, n_steps=4)
-    [-0.25, 0.0, 0.0, 0.0]
+    [-0.25, 0.75, 0.0, 0.0]
     """
-    n_steps = n_steps or len(values)
-    if n_steps > len(values):
-        return [v_next - v for v_next, v in zip(values[1:], values)] + [0.0] * (n_steps - len(values) + 1)
+    values = values + [reward] * ((n_steps or len(values)) - len(values))  # past the cap: V = R
     next_values = values[1:] + [0.0]  # V(s_n) = 0: the terminal state has no value
     step_rewards = [0.0] * (len(values) - 1) + [reward]
     return [r + v_next - v for r, v_next, v in zip(step_rewards, next_values, values)]
@@ -443,7 +465,7 @@ def token_advantages(step_advs: list[float], step_starts: list[int], n_tokens: i
 def assign_mc_advantages(model, tokenizer, episodes: list[Episode], problems: list[dict], args: Args) -> dict:
     """VinePPO's credit: V(s_i) by Monte Carlo from every step boundary of every response (all rolled out
     together, from pi_old, before any update), then step advantages, then one advantage per token."""
-    states_of = [episode_states(e, args.max_states_per_response) for e in episodes]
+    states_of = [episode_states(e, state_cap(args)) for e in episodes]
     origin = {s: (problems[e.problem_index]["answer"], len(e.prompt_ids)) for e, states in zip(episodes, states_of)
               for s in states}
     counts = defaultdict(int)
@@ -469,8 +491,8 @@ class ValueNetwork(nn.Module):
     def __init__(self, backbone):
         super().__init__()
         self.backbone = backbone  # a decoder without its LM head
-        self.head = nn.Linear(backbone.config.hidden_size, 1)
-        nn.init.zeros_(self.head.weight)
+        self.head = nn.Linear(backbone.config.hidden_size, 1)  # as the official critic's: N(0, 1/sqrt(H+1)), bias 0
+        nn.init.normal_(self.head.weight, std=1 / math.sqrt(backbone.config.hidden_size + 1))
         nn.init.zeros_(self.head.bias)
         self.head.to(next(backbone.parameters()))
 
@@ -887,6 +909,8 @@ def parse_args(argv: list[str] | None = None) -> Args:
     args.model = resolve_model_name(args.model)
     if args.task == "auto":
         args.task = "arith" if args.model == "tiny" else "gsm8k"
+    if args.iterations == -1:  # the paper's (official configs)
+        args.iterations = 1000 if args.task == "math" else 650
     if not args.output_dir:
         args.output_dir = os.path.join("runs", f"{args.task}-{args.critic}-seed{args.seed}")
     if args.resume:
@@ -937,10 +961,11 @@ def check_args(args: Args) -> None:
         problems.append("--dataset-path needs --task gsm8k or --task math (the arith task is generated)")
     if args.validation_size < -1:
         problems.append(f"--validation-size must be -1 (paper default) or at least 0, got {args.validation_size}")
-    if args.iterations < 0 or args.show_credit < 0:
-        problems.append("--iterations and --show-credit cannot be negative")
+    if args.iterations < 0 or args.show_credit < 0 or args.max_states_per_response < -1:
+        problems.append("--iterations, --show-credit and --max-states-per-response (-1: the official's, 0: all) "
+                        "cannot be negative")
     for name in ("mc_rollouts", "step_chunk_tokens", "prompts_per_iteration", "samples_per_prompt", "max_new_tokens",
-                 "max_states_per_response", "rollout_batch_size", "epochs", "minibatch_size", "micro_batch_size",
+                 "rollout_batch_size", "epochs", "minibatch_size", "micro_batch_size",
                  "sft_batch_size", "eval_every", "eval_samples", "train_problems", "test_problems",
                  "max_nonfinite_steps"):
         if getattr(args, name) < 1:
@@ -1067,7 +1092,7 @@ def to_problem(task: str, row: dict) -> dict:
     text = {key: "" if value is None else str(value) for key, value in row.items()}  # a null field is empty
     if task == "gsm8k":
         solution = re.sub(r"<<[^<>]*>>", "", text["answer"])
-        return {"problem": text["question"], "solution": solution, "answer": extract_gsm8k_answer(solution)}
+        return {"problem": text["question"].strip(), "solution": solution, "answer": extract_gsm8k_answer(solution)}
     return {"problem": text["problem"], "solution": text["solution"],
             "answer": text.get("answer") or last_boxed(text["solution"])}
 
@@ -1135,202 +1160,126 @@ def load_task(args: Args) -> tuple[list[dict], list[dict], list[dict]]:
     return train, validation, test or validation
 
 
+# --- GSM8K grading: the official exact match
 def extract_gsm8k_answer(text: str) -> str | None:
-    """The text after the last '####', stripped of commas, '$' and spaces; None if there is none."""
+    """The official GSM8K answer (official code: tasks/gsm8k.py): ALL the text after the last '####',
+    stripped, commas removed, lower-cased; None if there is none. Reads the gold from dataset solutions too.
+
+    >>> extract_gsm8k_answer("48/2 = 24\\n#### 1,234 ")
+    '1234'
+    """
     if "####" not in text:
         return None
-    answer = text.rsplit("####", 1)[1].strip().replace(",", "").replace("$", "")
-    return answer.split("\n")[0].strip() or None
+    return text.rsplit("####", 1)[1].strip().replace(",", "").lower() or None
 
 
 def grade_gsm8k(text: str, gold: str) -> float:
-    """Reward 1.0 if the final answer equals the gold answer as a string, else 0. This is the official
-    GSM8K grader (exact match after removing commas), so "18.0" != "18"; we also drop '$'."""
-    return float(extract_gsm8k_answer(text) == gold.replace(",", "").strip())
+    """Reward 1.0 if the final answer equals the gold (commas removed, lower-cased) as a string, as the
+    official grader does: so "18.0", "$18" and "18\\nThe end." all differ from "18"."""
+    return float(extract_gsm8k_answer(text) == gold.strip().replace(",", "").lower())
 
 
-# --- MATH grading: last \boxed{}, normalised, equal by string, by number or by sympy
-def last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} (or \\fbox{...}), braces matched; None if absent or unclosed.
-
-    >>> last_boxed("so $x = \\\\boxed{\\\\frac{1}{2}}$.")
-    '\\\\frac{1}{2}'
-    """
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
-    rest = text[start + (len("\\fbox") if text.startswith("\\fbox", start) else len("\\boxed")):]
-    if rest.startswith(" "):  # "\boxed 5$": up to the next $ or the end
-        return rest.strip().split("$")[0].strip() or None
+# --- MATH grading: the final answer read as the official grader reads it, compared by math-verify
+def read_box(text: str, start: int) -> tuple[str | None, int]:
+    """(content, end) of the \\boxed{...} or \\fbox{...} at `start`, braces matched ('\\boxed 5$' runs to
+    the next $); (None, len(text)) if it never closes."""
+    i = start + len("\\fbox" if text.startswith("\\fbox", start) else "\\boxed")
+    if text.startswith(" ", i):
+        end = text.find("$", i) % (len(text) + 1)  # no $ (-1) -> the end of the text
+        return text[i:end].strip() or None, end
     depth = 0
-    for i, char in enumerate(rest if rest.startswith("{") else ""):
-        depth += {"{": 1, "}": -1}.get(char, 0)
+    for j in range(i, len(text) if text.startswith("{", i) else i):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
         if depth == 0:
-            return rest[1:i] or None
-    return None
+            return text[i + 1:j] or None, j + 1
+    return None, len(text)
 
 
-def normalize_math_answer(answer: str) -> str:
-    """Canonical string of a MATH answer (after Hendrycks et al. and the Minerva normalisation):
-    drop \\left/\\right, spacing, '$', degrees, '\\%', units; dfrac/tfrac -> frac; \\frac12 -> \\frac{1}{2};
-    'x = 3' -> '3'; 1,000 -> 1000; 18.0 -> 18; .5 -> 0.5; then no spaces.
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} (or \\fbox{...}); None if absent or unclosed."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    return read_box(text, start)[0] if start >= 0 else None
 
-    >>> normalize_math_answer("x = \\\\dfrac12 \\\\text{ cm}")
-    '\\\\frac{1}{2}'
+
+BOX_GAP = r"(?:[\s$]|\\[()\[\]])*"  # spaces and math delimiters: $ \( \) \[ \]
+BOX_JOINER = re.compile(rf"{BOX_GAP}(?:,|and|or|\\text\{{\s*(?:and|or)\s*\}})?{BOX_GAP}(?:[a-zA-Z]\s*=\s*)?")
+
+
+def math_final_answer(text: str) -> str | None:
+    """The final answer (official code: tasks/math_answer_exctraction.py): the last \\boxed{}, with the
+    boxes before it that only ',', 'and', 'or' or 'x =' join; with no box, what follows the last
+    'answer is' ($..$ math, else the rest of the line); else the last number. An unclosed box is no answer.
+
+    >>> math_final_answer("so $x = \\\\boxed{-3}$ or $x = \\\\boxed{2}$."), math_final_answer("1, then 2,000.")
+    ('-3, 2', '2000')
     """
-    s = answer.strip().replace("\n", "").rstrip(".")
-    for old, new in [("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""),
-                     ("\\$", ""), ("$", ""), ("\\%", ""), ("%", ""), ("{,}", ","), ("\\dfrac", "\\frac"),
-                     ("\\tfrac", "\\frac"), ("^{\\circ}", ""), ("^\\circ", ""), ("°", ""), ("\\displaystyle", ""),
-                     ("bmatrix", "pmatrix"), ("\\le ", "\\le"), ("\\ge ", "\\ge")]:
-        s = s.replace(old, new)
-    s = re.sub(r"(?<!\\)\\ ", " ", s)  # "\ " is a space, but "\\ " ends a matrix row
-    s = re.sub(r"^(.*\d)\s*\\(?:text|mbox|mathrm)\{\s*[a-zA-Z][a-zA-Z\s^.]*\}$", r"\1", s)  # 5\text{ cm} -> 5
-    s = re.sub(r"\\(?:text|textbf|mbox|mathrm)\{([^{}]*)\}", r"\1", s).strip()  # \text{(C)} -> (C)
-    s = re.sub(r"^(-?[\d.,/]+)\s+[a-zA-Z][a-zA-Z\s]*$", r"\1", s)  # 5 inches -> 5
-    if s.count("=") == 1 and re.fullmatch(r"\s*[a-zA-Z]\w?\s*", s.split("=")[0]):
-        s = s.split("=")[1]  # x = 3 -> 3 (a short variable on the left only)
-    s = s.replace(" ", "")
-    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)  # \frac12 -> \frac{1}{2}
-    s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)
-    s = re.sub(r"\\frac\{([^{}]*)\}(\w)", r"\\frac{\1}{\2}", s)
-    s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s)  # \sqrt2 -> \sqrt{2}
-    s = re.sub(r"^(-?\d+)/(\d+)$", r"\\frac{\1}{\2}", s)  # 3/4 -> \frac{3}{4}
-    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
-        s = s.replace(",", "")  # 1,000 -> 1000 (but "1,2" stays a list)
-    s = re.sub(r"(^|[^\d])\.(\d)", r"\g<1>0.\2", s)  # .5 -> 0.5
-    if re.fullmatch(r"-?\d+\.\d*", s):
-        s = s.rstrip("0").rstrip(".")  # 18.0 -> 18, 2.50 -> 2.5
-    return s
+    starts = [match.start() for match in re.finditer(r"\\boxed|\\fbox", text)]
+    if starts:
+        answers, following = [], len(text)
+        for start in reversed(starts):
+            content, end = read_box(text, start)
+            if answers and not (end <= following and BOX_JOINER.fullmatch(text, end, following)):
+                break
+            answers, following = [content] + answers, start
+        return None if None in answers else ", ".join(answers)
+    if "answer is" in text:
+        rest = text.rsplit("answer is", 1)[1].strip()
+        math = re.match(r"\$+([^$]+)\$", rest)
+        return (math[1] if math else rest.split("\n")[0]).strip(" .:") or None
+    numbers = re.findall(r"-?\d*\.?\d+", text.replace(",", ""))
+    return numbers[-1] if numbers else None
 
 
-def split_top_level(s: str, separators: str = ",") -> list[str]:
-    """Split at separators that are not inside (), [] or {}."""
-    parts, depth, start = [], 0, 0
-    for i, char in enumerate(s):
-        depth += (char in "([{") - (char in ")]}")
-        if char in separators and depth == 0:
-            parts.append(s[start:i])
-            start = i + 1
-    return parts + [s[start:]]
+@functools.lru_cache(maxsize=10_000)
+def _parse_math(s: str) -> list:
+    """math-verify's parse, cached in the grading process. '25\\%' reads as 25; a word ('ab') or a clock
+    time ('12:30') is text, not a product or a ratio."""
+    from math_verify import parse
+    return parse("$" + re.sub(r"^\s*([A-Za-z]{2,}|\d+(?::\d+)+)\s*$", r"\\text{\1}", re.sub(r"\\?%", "", s)) + "$")
 
 
-def parse_number(s: str) -> float | None:
-    """A plain number, a/b or \\frac{a}{b} of plain numbers, as a float; None for anything else."""
-    match = re.fullmatch(r"(-?)\\frac\{(-?[\d.]+)\}\{(-?[\d.]+)\}", s) or re.fullmatch(r"(-?)([\d.]+)/([\d.]+)", s)
-    try:
-        if match:
-            return (-1 if match[1] else 1) * float(match[2]) / float(match[3])
-        return float(s) if re.fullmatch(r"-?\d*\.?\d+(e-?\d+)?", s) else None
-    except (ValueError, ZeroDivisionError):
-        return None
+def _math_verify_worker(answer: str, gold: str) -> bool:
+    """math-verify's check, in the grading process; a set is never a tuple or an interval ('2, 1' != (1, 2))."""
+    from math_verify import verify
+    from sympy import FiniteSet, Interval, Tuple
+    gold_parsed, answer_parsed = _parse_math(gold), _parse_math(answer)
+    kinds = {"set" if isinstance(p[0], FiniteSet) else "pair" if isinstance(p[0], (Interval, Tuple)) else ""
+             for p in (gold_parsed, answer_parsed) if p}
+    return kinds != {"set", "pair"} and verify(gold_parsed, answer_parsed, float_rounding=10, allow_set_relation_comp=True)
+
+
+MATH_TIMEOUT_S = 5.0
+_math_pool = None
 
 
 @functools.lru_cache(maxsize=100_000)
-def math_equal(a: str, b: str) -> bool:
-    """Are two NORMALISED MATH answers equal? By string; element by element for tuples, intervals (the
-    brackets must match), matrices and comma lists (in any order); by number within 1e-3; else by sympy."""
-    if a == b:
-        return True
-    matrices = [re.fullmatch(r"\\begin\{pmatrix\}(.*)\\end\{pmatrix\}", s) for s in (a, b)]
-    if all(matrices):
-        rows = [[row.split("&") for row in m[1].split("\\\\")] for m in matrices]
-        return ([len(r) for r in rows[0]] == [len(r) for r in rows[1]] and
-                all(math_equal(x, y) for r0, r1 in zip(*rows) for x, y in zip(r0, r1)))
-    parts_a, parts_b = split_top_level(a), split_top_level(b)
-    if len(parts_a) > 1 or len(parts_b) > 1:  # a comma list: any order
-        unmatched = list(parts_b)
-        for x in parts_a:
-            match = next((y for y in unmatched if math_equal(x, y)), None)
-            if match is None:
-                return False
-            unmatched.remove(match)
-        return not unmatched
-    bracketed = [re.fullmatch(r"([(\[])(.*,.*)([)\]])", s) for s in (a, b)]
-    if any(bracketed):  # tuple or interval: same brackets, same elements in order
-        return (all(bracketed) and bracketed[0][1] + bracketed[0][3] == bracketed[1][1] + bracketed[1][3] and
-                len(split_top_level(bracketed[0][2])) == len(split_top_level(bracketed[1][2])) and
-                all(map(math_equal, split_top_level(bracketed[0][2]), split_top_level(bracketed[1][2]))))
-    x, y = parse_number(a), parse_number(b)
-    if x is not None and y is not None:
-        return abs(x - y) <= 1e-3
-    return sympy_equal(a, b)
-
-
-def latex_to_sympy(s: str) -> str | None:
-    """The common LaTeX of MATH answers as a sympy expression string: \\frac, \\sqrt, \\pi, ^, \\cdot,
-    \\times, \\infty, implicit products. None for anything else (sympy then never sees it, and
-    parse_expr never evaluates text that is not plain arithmetic)."""
-    for _ in range(10):  # innermost first: \frac{\sqrt{2}}{2} -> ((sqrt(2))/(2))
-        s, n = re.subn(r"\\frac\{([^{}]*)\}\{([^{}]*)\}|\\sqrt\{([^{}]*)\}|\\sqrt\[([^{}\[\]]*)\]\{([^{}]*)\}",
-                       lambda m: f"(({m[1]})/({m[2]}))" if m[1] is not None else f"sqrt({m[3]})" if m[3] is not None
-                       else f"(({m[5]})**(1/({m[4]})))", s)
-        if not n:
-            break
-    for old, new in [("\\pi", " pi "), ("\\infty", " oo "), ("\\cdot", "*"), ("\\times", "*"), ("^", "**"),
-                     ("{", "("), ("}", ")"), ("\\sin", " sin"), ("\\cos", " cos"), ("\\tan", " tan"), ("\\ln", " log"),
-                     ("\\log", " log"), ("\\exp", " exp")]:
-        s = s.replace(old, new)
-    words = re.findall(r"[a-zA-Z]+", s)
-    if not re.fullmatch(r"[\w+\-*/().\s]*", s) or "_" in s or any(
-            len(w) > 1 and w not in ("sqrt", "pi", "oo", "sin", "cos", "tan", "log", "exp") for w in words):
-        return None
-    return s
-
-
-def _sympy_equal_worker(a: str, b: str) -> bool:
-    """Runs in the grading process: parse both, equal if their difference simplifies to 0 or, with no
-    free symbols, evaluates to within 1e-3 of 0."""
-    import sympy
-    from sympy.parsing.sympy_parser import (convert_xor, implicit_multiplication_application, parse_expr,
-                                            standard_transformations)
-    transformations = standard_transformations + (implicit_multiplication_application, convert_xor)
+def math_equal(answer: str, gold: str) -> bool:
+    """Cached math-verify check in a worker process with a time limit: 9^{9^{9}} blocks in C code, where no
+    signal stops it, so on timeout the worker is killed (the next call starts a fresh one) and TimeoutError
+    is raised, which the cache does not keep."""
+    global _math_pool
+    if _math_pool is None:
+        try:
+            import math_verify  # noqa: F401 - loaded before the fork: no worker spends its time limit importing it
+        except ImportError:
+            sys.exit("error: MATH answers are checked by math-verify; install it: pip install -r requirements.txt")
+        start = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        # the worker ignores Ctrl-C (the main process finishes its iteration); SIGTERM still kills it on a timeout
+        _math_pool = multiprocessing.get_context(start).Pool(1, signal.signal, (signal.SIGINT, signal.SIG_IGN))
+        atexit.register(_math_pool.terminate)
     try:
-        difference = sympy.simplify(parse_expr(a, transformations=transformations)
-                                    - parse_expr(b, transformations=transformations))
-        return difference == 0 or (not difference.free_symbols and abs(complex(difference.evalf())) <= 1e-3)
-    except Exception:  # noqa: BLE001 - any expression sympy cannot handle is simply "not equal"
-        return False
-
-
-SYMPY_TIMEOUT_S = 3.0
-_sympy_pool = None
-
-
-def sympy_equal(a: str, b: str) -> bool:
-    """sympy equivalence of two normalised answers, in a separate worker process with a time limit: a
-    huge power like 9^{9^{9}} blocks inside C code, where no signal can stop it, so on timeout the worker
-    is killed (and restarted on the next call) and TimeoutError is raised: `grade_math` scores it 0, and
-    `math_equal`'s cache does not keep it, so a worker killed by chance never leaves a wrong grade behind."""
-    global _sympy_pool
-    x, y = latex_to_sympy(a), latex_to_sympy(b)
-    if x is None or y is None:
-        return False
-    if _sympy_pool is None:
-        methods = multiprocessing.get_all_start_methods()
-        _sympy_pool = multiprocessing.get_context("fork" if "fork" in methods else "spawn").Pool(
-            1, initializer=_ignore_ctrl_c)
-        atexit.register(_sympy_pool.terminate)
-    try:
-        return _sympy_pool.apply_async(_sympy_equal_worker, (x, y)).get(SYMPY_TIMEOUT_S)
+        return _math_pool.apply_async(_math_verify_worker, (answer, gold)).get(MATH_TIMEOUT_S)
     except multiprocessing.TimeoutError:
-        _sympy_pool.terminate()
-        _sympy_pool = None
-        raise TimeoutError(f"sympy took over {SYMPY_TIMEOUT_S} s") from None  # not cached by math_equal
-
-
-def _ignore_ctrl_c() -> None:
-    """The grading worker leaves Ctrl-C to the main process (which finishes its iteration). It keeps
-    SIGTERM: that is how the pool kills a worker stuck past the time limit."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _math_pool.terminate()
+        _math_pool = None
+        raise TimeoutError(f"math-verify took over {MATH_TIMEOUT_S} s") from None
 
 
 def grade_math(text: str, gold: str) -> float:
-    """Reward 1.0 if the response's last \\boxed{} answer is equivalent to the gold answer (paper), else 0."""
-    predicted = last_boxed(text)
+    """Reward 1.0 if the final answer is equivalent to the gold answer (paper), else 0 (also on a timeout)."""
     try:
-        return float(predicted is not None and math_equal(normalize_math_answer(predicted), normalize_math_answer(gold)))
-    except TimeoutError:  # an expression sympy cannot settle in time counts as not equal
+        return float((answer := math_final_answer(text)) is not None and math_equal(answer, gold))
+    except TimeoutError:
         return 0.0
 
 
@@ -1349,61 +1298,88 @@ def decode_response(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
-# --- MATH's step rule (the official splitter's, see split_response)
-# Math regions: $$..$$, $..$, \(..\), \[..\], \begin{env}..\end{env}; an unclosed one runs to the end.
-MATH_REGION = re.compile(r"(?<!\\)\$\$.*?(?<!\\)\$\$|(?<!\\)\$.*?(?<!\\)\$|\\\(.*?\\\)|\\\[.*?\\\]"
-                         r"|\\begin\{([a-zA-Z]+\*?)\}.*?\\end\{\1\}|(?<!\\)\$.*|\\[(\[].*|\\begin\{.*", re.DOTALL)
+# --- MATH's step rule (Part I's split_response uses it)
+# MATH regions as the official splitter finds them (official code: tasks/math_extract_steps_inplace.py):
+# [asy]..[/asy], \(..\), \[..\], $$..$$, $..$ (not \$), \begin{env}..\end{env}; an unclosed one is plain text.
+MATH_REGION = re.compile(r"\[asy\].*?\[/asy\]|\\\(.*?\\\)|\\\[.*?\\\]|\$\$.*?\$\$|(?<!\\)\$.*?[^\\]\$(?!\$)"
+                         r"|\\begin\{([^}]*)\}.*?\\end\{\1\}", re.DOTALL)
+SENTENCE_END = re.compile(r"\.(?<!\b[A-Za-z]\.)(?<!\s[A-Za-z]{2}\.)(?=\s+[A-Z])")  # not after "e.g." or "so."
+MATH_PERIOD = (".$", ".$$", ".\\)", ".\\]")  # math that ends with its own period: "$x = 2.$"
+LONE_OPENING = re.compile(r"\$|\$\$|\\\(|\\\[|\\begin\{[^}]*\}|\[asy\]")
+PROSE_CUTS = [",", r"\sand(?=\s)", ":", r"\sto(?=\s)"]  # cut after these, outside math; both halves >= 40 chars
+MATH_CUTS = [r",\$", r",\\\)", r",\\\]", "=", r"\\equiv", r"\+", r"\\cancelto"]  # cut after these; halves >= 20
 
 
-def math_blocked(text: str) -> list[bool]:
-    """blocked[i] is True where a cut at character i would fall strictly inside a math region."""
-    blocked = [False] * (len(text) + 1)
-    for match in MATH_REGION.finditer(text):
-        for i in range(match.start() + 1, match.end()):
-            blocked[i] = True
-    return blocked
+def hide_math(text: str) -> str:
+    """The text with every math region overwritten by '#' (same length), so prose rules cannot see into it."""
+    return MATH_REGION.sub(lambda match: "#" * len(match.group()), text)
+
+
+def merge_small(text: str, bounds: list[int], small) -> list[int]:
+    """Drop the boundary after each piece text[a:b] that is small(); a small last piece joins the one before."""
+    kept = [0]
+    for bound in sorted(set(bounds) - {0, len(text)}):
+        if not small(text[kept[-1]:bound]):
+            kept.append(bound)
+    if len(kept) > 1 and small(text[kept[-1]:]):
+        kept.pop()
+    return kept + [len(text)]
+
+
+def break_long(piece: str, max_chars: int) -> list[str]:
+    """Halve a piece over max_chars, then its halves: at the prose cut nearest the middle (both halves >= 40
+    characters), else at the math cut nearest the middle (both >= 20), trying the patterns in order. As in
+    the official code, prose positions count each math region as 60 characters (its placeholder there)."""
+    if len(piece) <= max_chars:
+        return [piece]
+    regions = list(MATH_REGION.finditer(piece))
+
+    def placeholder_position(i: int) -> int:
+        return i - sum(len(region.group()) - 60 for region in regions if region.end() <= i)
+
+    for searched, patterns, min_half, position in ((hide_math(piece), PROSE_CUTS, 40, placeholder_position),
+                                                   (piece, MATH_CUTS, 20, lambda i: i)):
+        middle = position(len(piece)) / 2
+        for pattern in patterns:
+            cuts = [match.end() for match in re.finditer(pattern, searched)]
+            cut = min(cuts, key=lambda c: abs(position(c) - middle), default=0)
+            if min(cut, len(piece) - cut) >= min_half:
+                return break_long(piece[:cut], max_chars) + break_long(piece[cut:], max_chars)
+    return [piece]
 
 
 def split_math_steps(text: str, min_chars: int = 20, max_chars: int = 100) -> list[str]:
-    """Split a MATH-style response into steps on its text (PAPER.md); the steps re-join to it exactly.
+    """Split a MATH-style response into steps on its text, by the official rule (official code:
+    tasks/math_extract_steps_inplace.py); the steps re-join to the text exactly.
 
-    Cut before every newline and after every sentence end ('. ' + capital letter, cut before the space),
-    never inside math; merge pieces under min_chars characters into the next (the last into the one
-    before); bisect pieces over max_chars after a ',' or '=' outside math in their middle half (so both
-    halves keep over a quarter each); a piece with no such place stays long.
+    1. Cut before each newline and after each sentence end ('.', spaces, capital letter) outside math.
+       A piece under min_chars characters without math joins the next one unless it ends with '.'.
+    2. Cut after math that ends with its own period ("$x = 2.$"). Now a piece under min_chars characters
+       joins the next one (the last one the one before) unless it ends with such math.
+    3. Cut before each newline inside math (the lines of an align*); a piece that is a lone opening
+       ("$$", "\\begin{align*}") or under 3 characters joins the next one.
+    4. Halve pieces over max_chars (`break_long`).
 
-    >>> split_math_steps("First we note that $x = 2$. Then $y = x + 1 = 3$.\\nSo the answer is $\\\\boxed{3}$.")
-    ['First we note that $x = 2$.', ' Then $y = x + 1 = 3$.', '\\nSo the answer is $\\\\boxed{3}$.']
+    >>> steps = split_math_steps("We factor: \\\\begin{align*}\\nx^2 - 1 &= (x - 1)(x + 1)\\n\\\\end{align*}\\n"
+    ...                          "The roots are $1$ and $-1$. Their sum is $\\\\boxed{0}$.")
+    >>> for step in steps: print(repr(step))
+    'We factor: \\\\begin{align*}'
+    '\\nx^2 - 1 &= (x - 1)(x + 1)'
+    '\\n\\\\end{align*}'
+    '\\nThe roots are $1$ and $-1$.'
+    ' Their sum is $\\\\boxed{0}$.'
     """
-    blocked = math_blocked(text)
-    cuts = [i for i in range(1, len(text)) if not blocked[i] and (
-        text[i] == "\n" or (text[i - 1] == "." and text[i] == " " and text[i + 1:i + 2].isupper()))]
-    merged, carry = [], ""
-    for a, b in zip([0] + cuts, cuts + [len(text)]):
-        carry += text[a:b]
-        if len(carry) >= min_chars:
-            merged.append(carry)
-            carry = ""
-    if carry:
-        if merged:
-            merged[-1] += carry
-        else:
-            merged.append(carry)
-
-    def bisect_long(piece: str, offset: int) -> list[str]:
-        n = len(piece)
-        places = [i for i in range(n // 4 + 1, 3 * n // 4) if piece[i - 1] in ",=" and not blocked[offset + i]]
-        if n <= max_chars or not places:
-            return [piece]
-        cut = min(places, key=lambda i: abs(2 * i - n))  # nearest the middle
-        return bisect_long(piece[:cut], offset) + bisect_long(piece[cut:], offset + cut)
-
-    steps, offset = [], 0
-    for piece in merged:
-        steps += bisect_long(piece, offset)
-        offset += len(piece)
-    steps = steps or [text]  # an empty response is one (empty) step, as in split_steps
-    assert "".join(steps) == text, "steps must re-join to the response"
+    masked = hide_math(text)
+    bounds = [i for i, char in enumerate(masked) if char == "\n"]
+    bounds += [match.end() for match in SENTENCE_END.finditer(masked)]
+    bounds = merge_small(text, bounds, lambda piece: len(piece) < min_chars and not piece.endswith(".")
+                         and not MATH_REGION.search(piece))
+    bounds += [match.end() for match in MATH_REGION.finditer(text) if match.group().endswith(MATH_PERIOD)]
+    bounds = merge_small(text, bounds, lambda piece: len(piece) < min_chars and not piece.endswith(MATH_PERIOD))
+    bounds += [i for i, char in enumerate(text) if char == "\n" and masked[i] == "#"]
+    bounds = merge_small(text, bounds, lambda piece: len(piece) < 3 or LONE_OPENING.fullmatch(piece.strip()))
+    steps = [step for a, b in zip(bounds, bounds[1:]) for step in break_long(text[a:b], max_chars)]
+    assert "".join(steps) == text and steps, "steps must re-join to the response"
     return steps
 
 
@@ -1567,8 +1543,8 @@ def autocast(device: torch.device):
 # ============================================================================================
 def supervised_finetune(model, tokenizer, problems: list[dict], args: Args, device) -> float:
     """SFT on the reference solutions (the paper's RL starts from an SFT model): cross-entropy on the
-    response tokens of prompt + "\\n{solution}\\n" + EOS, averaged over the tokens of a batch of
-    sft_batch_size (computed in micro-batches: memory only). Returns the last step's loss."""
+    response tokens of prompt + "\\n{solution}\\n" + EOS, averaged over each sequence's tokens, then over a
+    batch of sft_batch_size (computed in micro-batches: memory only). Returns the last step's loss."""
     prompts = [encode_prompt(tokenizer, p["problem"]) for p in problems]
     targets = [tokenizer(make_sft_target(p["solution"]), add_special_tokens=False)["input_ids"]
                + [tokenizer.eos_token_id] for p in problems]
@@ -1582,10 +1558,12 @@ def supervised_finetune(model, tokenizer, problems: list[dict], args: Args, devi
             order += random.sample(range(len(problems)), len(problems))
         rows, order = order[:args.sft_batch_size], order[args.sft_batch_size:]
         batch = collate([prompts[i] for i in rows], [targets[i] for i in rows], tokenizer.pad_token_id)
-        n_tokens, loss = batch["response_mask"].sum(), 0.0
+        loss = 0.0
         for micro in torch.arange(len(rows)).split(args.micro_batch_size):
             mb = slice_batch(batch, micro, device)
-            micro_loss = -response_logprobs(model, mb, temperature=1.0).sum() / n_tokens  # token-level mean
+            logp = response_logprobs(model, mb, temperature=1.0)  # [rows, T], 0 at padding
+            # official: the token mean of each sequence, then the mean over the batch
+            micro_loss = -(logp.sum(-1) / mb["response_mask"].sum(-1)).sum() / len(rows)
             micro_loss.backward()
             loss += micro_loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)

@@ -652,8 +652,8 @@ def test_assign_mc_advantages_rolls_out_trajectory_prefixes(monkeypatch, bpe_tok
 
 
 def test_assign_mc_advantages_caps_the_valued_states(monkeypatch):
-    """The official cap: only the first max_states_per_response states are rolled out; the steps whose end
-    state is not valued (the last valued one and all later) get advantage 0."""
+    """The official cap: only the first max_states_per_response states are rolled out; every later state gets
+    V = R, so the last valued step gets R - V(s_last) and the steps after it 0."""
     tok = vineppo.build_tiny_tokenizer()
     args = vineppo.Args(mc_rollouts=2, max_new_tokens=60, max_states_per_response=2)
     prompt = tok.encode("Q\n", add_special_tokens=False)
@@ -674,26 +674,37 @@ def test_assign_mc_advantages_caps_the_valued_states(monkeypatch):
     vineppo.assign_mc_advantages(None, tok, [episode], [{"problem": "", "answer": "4"}], args)
     assert set(rolled) == {tuple(prompt), tuple(prompt + ids[:starts[1]])}  # s_2 is never rolled out
     assert episode.step_values == [1.0, 0.0]  # V(s_0) = 1 ("#### 4"); V(s_1) = 0 (no answer)
-    assert episode.token_advantages == [-1.0] * starts[1] + [0.0] * (len(ids) - starts[1])
+    assert episode.token_advantages == ([-1.0] * starts[1] + [1.0] * (starts[2] - starts[1])
+                                        + [0.0] * (len(ids) - starts[2]))
 
 
-def test_sampling_ignores_the_model_generation_config():
-    """A hub model's saved generation config (top_k, repetition_penalty, ...) must not change how pi_old
-    samples: the same seed gives the same samples with or without it."""
+def test_capped_step_advantages_of_a_30_step_response_sum_to_the_return_minus_v0():
+    """Official GSM8K cap: s_0 and 25 step states valued (26 values) of a 30-step response; R still reaches
+    the gradient, and the advantages telescope to R - V(s_0) for either reward."""
+    values = [0.5 + 0.01 * i for i in range(26)]
+    for reward in (0.0, 1.0):
+        advantages = vineppo.step_advantages(values, reward, n_steps=30)
+        assert len(advantages) == 30 and advantages[26:] == [0.0] * 4
+        assert advantages[25] == pytest.approx(reward - values[25])
+        assert sum(advantages) == pytest.approx(reward - values[0])
+
+
+def test_the_official_state_cap_is_26_on_gsm8k_and_none_on_math():
+    for task, cap in [("gsm8k", 26), ("arith", 26), ("math", None)]:
+        assert vineppo.state_cap(vineppo.parse_args(["--model", "m", "--task", task])) == cap
+    assert vineppo.state_cap(vineppo.Args(task="gsm8k", max_states_per_response=0)) is None
+    e = vineppo.Episode(0, [1], list(range(2, 42)), "", 1.0, False, step_starts=list(range(40)))
+    assert len(vineppo.episode_states(e, None)) == 40 and len(vineppo.episode_states(e, 26)) == 26
+
+
+def test_paper_iterations_by_task_and_critic_head_init():
+    assert vineppo.parse_args(["--model", "m", "--task", "gsm8k"]).iterations == 650
+    assert vineppo.parse_args(["--model", "m", "--task", "math"]).iterations == 1000
     tok = vineppo.build_tiny_tokenizer()
-    model = vineppo.build_tiny_model(tok, seed=0).eval()
-    prefixes = [tok.encode(vineppo.make_prompt("Start at 3: +4."), add_special_tokens=False)] * 8
-    kwargs = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=1.0, top_p=1.0, batch_size=8,
-                  progress=False)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        clean = vineppo.sample_continuations(model, prefixes, [12] * 8, **kwargs)
-        model.generation_config.top_k = 1
-        model.generation_config.repetition_penalty = 5.0
-        torch.manual_seed(0)
-        polluted = vineppo.sample_continuations(model, prefixes, [12] * 8, **kwargs)
-    assert clean == polluted
-    assert len({tuple(ids) for ids, _ in clean}) > 1  # really sampled at T=1, not greedy
+    critic = vineppo.ValueNetwork.from_policy(vineppo.build_tiny_model(tok, seed=0))
+    hidden = critic.head.weight.shape[1]
+    assert torch.all(critic.head.bias == 0)
+    assert critic.head.weight.std().item() == pytest.approx((hidden + 1) ** -0.5, rel=0.25)  # official N(0, 1/sqrt(H+1))
 
 
 def test_shared_prefill_draws_the_same_tokens(monkeypatch):
@@ -741,8 +752,8 @@ def test_shared_prefix_cache_gives_generate_the_same_logits():
         assert vineppo.shared_prefix_cache(model, ids[:2, -1:], mask[:2, -1:]) is None
         cache = vineppo.shared_prefix_cache(model, ids, mask)
         assert cache.get_seq_length() == 3 and cache.layers[0].keys.shape[0] == 3
-        runs = [model.generate(input_ids=ids, attention_mask=mask, past_key_values=c, generation_config=config)
-                for c in (cache, None)]
+        runs = [model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                               **{vineppo.GENERATE_CACHE_KWARG: c}) for c in (cache, None)]
     for shared, plain in zip(runs[0].logits, runs[1].logits):  # [3 rows, vocab] per step
         torch.testing.assert_close(shared, plain, rtol=0, atol=1e-5)  # a wrong position or row: ~4e-3
 
@@ -888,40 +899,6 @@ def test_response_logprobs_equal_the_sampling_distribution_of_generate(tiny):
 
 
 # ============================================================================================
-# 13. GSM8K answers and grading
-# ============================================================================================
-@pytest.mark.parametrize("text, answer", [
-    ("so 3+4=7\n#### 7", "7"),
-    ("#### 1,234", "1234"),  # commas removed
-    ("####   42   \n", "42"),  # whitespace stripped
-    ("#### 5\nthen\n#### 6", "6"),  # the LAST ####
-    ("#### 42\nsome trailing words", "42"),  # only the answer line
-    ("#### -3", "-3"),
-    ("#### 18.0", "18.0"),
-    ("no answer line here", None),
-    ("####", None),
-    ("#### \n", None),
-    ("", None),
-])
-def test_extract_gsm8k_answer(text, answer):
-    assert vineppo.extract_gsm8k_answer(text) == answer
-
-
-@pytest.mark.parametrize("text, gold, reward", [
-    ("a\n#### 18", "18", 1.0),
-    ("a\n#### 18.0", "18", 0.0),  # official grader: string match, so 18.0 != 18
-    ("a\n#### 1,000", "1000", 1.0),
-    ("a\n#### 1000", "1,000", 1.0),  # commas removed from the gold too
-    ("a\n####  7 ", " 7", 1.0),
-    ("the answer is 18", "18", 0.0),  # no #### -> wrong
-    ("#### 17\n#### 18", "18", 1.0),
-    ("#### 18\n#### 17", "18", 0.0),
-])
-def test_grade_gsm8k(text, gold, reward):
-    assert vineppo.grade_gsm8k(text, gold) == reward
-
-
-# ============================================================================================
 # 14. the built-in arithmetic task
 # ============================================================================================
 LINE = re.compile(r"^(-?\d+)([+\-*])(\d+)=(-?\d+)$")
@@ -979,3 +956,22 @@ def test_make_arith_task_solutions_are_gsm8k_shaped_and_chained():
     clean, _ = vineppo.make_arith_task(0, 4000, 500, 0.0)
     assert all(check_chain(item, allow_slips=False) == 0 for item in clean)
     assert all(1 <= int(n) <= 20 for item in test for n in re.findall(r"\d+", item["solution"]))
+
+
+def test_sft_loss_is_the_token_mean_per_sequence_then_the_batch_mean():
+    """Official SFT loss: each sequence's token mean, then the mean over the batch (a short solution counts as
+    much as a long one). With lr 0 the single step returns the loss of the untouched model."""
+    tok = vineppo.build_tiny_tokenizer()
+    model = vineppo.build_tiny_model(tok, seed=0)
+    problems = [{"problem": "1+1", "solution": "2"}, {"problem": "2+2", "solution": "4\n4\n4\n4\n4\n4\n4\n4"}]
+    args = vineppo.Args(sft_epochs=1, sft_batch_size=2, sft_lr=0.0, micro_batch_size=1)
+    loss = vineppo.supervised_finetune(model, tok, problems, args, torch.device("cpu"))
+    per_sequence = []
+    for p in problems:
+        target = tok(vineppo.make_sft_target(p["solution"]), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        batch = vineppo.collate([vineppo.encode_prompt(tok, p["problem"])], [target], tok.pad_token_id)
+        with torch.no_grad():
+            per_sequence.append(-vineppo.response_logprobs(model, batch, 1.0).mean().item())
+    assert loss == pytest.approx(sum(per_sequence) / 2, rel=1e-5)
+    token_mean = (per_sequence[0] * 4 + per_sequence[1] * 18) / 22  # what a token mean over the batch would give
+    assert abs(loss - token_mean) > 1e-3

@@ -311,17 +311,6 @@ def fuzz_strings(n: int, seed: int = 0) -> list[str]:
     return texts
 
 
-def test_ctrl_c_never_reaches_the_sympy_worker():
-    """Ctrl-C goes to the whole process group; the grading worker must ignore it (the main process decides),
-    or the answer it was checking would time out and count as wrong."""
-    assert vineppo.grade_math("$\\boxed{2\\sqrt{2}}$", "\\sqrt{8}") == 1.0  # starts the worker
-    worker = vineppo._sympy_pool._pool[0]
-    os.kill(worker.pid, signal.SIGINT)
-    time.sleep(0.5)
-    assert worker.is_alive()
-    assert vineppo.grade_math("$\\boxed{3\\sqrt{3}}$", "\\sqrt{27}") == 1.0
-
-
 def test_graders_and_splitters_survive_any_string():
     """Thousands of odd strings through every grader and splitter: no exception, no call over 10 s (the
     SIGALRM below would raise inside a hang), rewards in {0, 1}, steps that re-join."""
@@ -338,7 +327,7 @@ def test_graders_and_splitters_survive_any_string():
             for task in ("gsm8k", "math"):
                 assert vineppo.grade(task, text, gold) in (0.0, 1.0)
                 assert "".join(vineppo.split_response(task, text)) == text
-            vineppo.normalize_math_answer(text)
+            vineppo.math_final_answer(text)
             signal.alarm(0)
     finally:
         signal.alarm(0)

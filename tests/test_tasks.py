@@ -1,11 +1,10 @@
-"""Real tasks offline: MATH and GSM8K grading, MATH step splitting, local JSONL data through the real-model
+"""Real tasks offline: GSM8K rows, local JSONL data through the real-model
 path (a tiny Qwen2-shaped model saved to disk with a trained byte-level BPE), model names, the hub check."""
 
 import json
 import math
 import os
 import random
-import re
 import socket
 import subprocess
 import sys
@@ -23,95 +22,10 @@ QWEN_DIR = ROOT.parent / "shared" / "qwen2.5-tokenizer"
 
 
 # ============================================================================================
-# 1. MATH grading: a table of hand-written cases
+# 1. GSM8K rows (the graders are tested in test_grading.py)
 # ============================================================================================
-def boxed(answer: str) -> str:
-    return "Putting it together, the answer is $\\boxed{" + answer + "}$."
-
-
-MATH_CASES = [  # (response, gold, reward)
-    # fractions, \dfrac, \frac12
-    (boxed(r"\frac{1}{2}"), r"\frac12", 1), (boxed(r"\dfrac{1}{2}"), r"\frac{1}{2}", 1),
-    (boxed("0.5"), r"\frac{1}{2}", 1), (boxed(r"\tfrac{3}{4}"), "0.75", 1), (boxed("3/4"), r"\frac{3}{4}", 1),
-    (boxed(r"\frac{2}{3}"), r"\frac{3}{2}", 0), (boxed(r"-\frac{1}{3}"), r"\frac{-1}{3}", 1),
-    (boxed("0.3333"), r"\frac13", 1), (boxed("0.33"), r"\frac13", 0),  # numbers within 1e-3 only
-    # square roots and pi (sympy)
-    (boxed(r"\sqrt{2}/2"), r"\frac{\sqrt{2}}{2}", 1), (boxed(r"\frac{1}{\sqrt{2}}"), r"\frac{\sqrt2}{2}", 1),
-    (boxed(r"2\sqrt{3}"), r"\sqrt{12}", 1), (boxed(r"\sqrt{3}"), r"\sqrt{2}", 0),
-    (boxed(r"2\pi"), r"2\pi", 1), (boxed(r"\pi \cdot 2"), r"2\pi", 1), (boxed("6.2832"), r"2\pi", 1),
-    (boxed(r"3\pi"), r"2\pi", 0), (boxed("x^2+2x+1"), "(x+1)^2", 1), (boxed("x^2+1"), "(x+1)^2", 0),
-    # intervals (brackets matter) and tuples (order matters)
-    (boxed(r"(-\infty, 3]"), r"(-\infty,3]", 1), (boxed(r"(-\infty, 3)"), r"(-\infty,3]", 0),
-    (boxed("[2, 5)"), "[2,5)", 1), (boxed("(1, 2)"), "(1,2)", 1), (boxed("(2, 1)"), "(1,2)", 0),
-    (boxed(r"(1, \frac{1}{2})"), "(1, 0.5)", 1),
-    # matrices, element by element
-    (boxed(r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}"), r"\begin{pmatrix}1\\2\end{pmatrix}", 1),
-    (boxed(r"\begin{pmatrix} 0.5 & 1 \\ 2 & 3 \end{pmatrix}"), r"\begin{pmatrix} \frac{1}{2} & 1 \\ 2 & 3 \end{pmatrix}", 1),
-    (boxed(r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}"), r"\begin{pmatrix} 1 & 2 \\ 4 & 3 \end{pmatrix}", 0),
-    (boxed(r"\begin{bmatrix} 1 \\ 2 \end{bmatrix}"), r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}", 1),
-    # units and \text{}, degrees, percentages, dollars
-    (boxed(r"5 \text{ cm}"), "5", 1), (boxed(r"12\text{ inches}"), "12", 1), (boxed("5 inches"), "5", 1),
-    (boxed(r"\text{(C)}"), r"\text{(C)}", 1), (boxed(r"\text{Monday}"), r"\text{Tuesday}", 0),
-    (boxed(r"30^\circ"), "30", 1), (boxed(r"45^{\circ}"), "45", 1), (boxed(r"25\%"), "25", 1),
-    (boxed(r"25\%"), "0.25", 0),  # a percentage is not its fraction (as in the Hendrycks grader)
-    (boxed(r"\$5"), "5", 1),
-    # negative numbers, x = 3, comma lists (any order), thousands, trailing .0
-    (boxed("-5"), "-5", 1), (boxed("-5"), "5", 0), (boxed("x = 3"), "3", 1), (boxed("y=-2"), "-2", 1),
-    (boxed("1, 2, 3"), "3,2,1", 1), (boxed("1, 2"), "1,2,3", 0), (boxed("-2, 5"), "5, -2", 1),
-    (boxed("1,000"), "1000", 1), (boxed("18.0"), "18", 1), (boxed("10"), "10.0", 1), (boxed(".5"), r"\frac12", 1),
-    # extraction: the LAST box, braces matched; none or unclosed -> 0; \boxed 5
-    ("The answer is 5", "5", 0), (r"First $\boxed{2}$, no wait: $\boxed{\frac{3}{4}}$", r"\frac34", 1),
-    (r"so $\boxed{\frac{3}{4}", r"\frac34", 0), (r"so $\boxed 5$.", "5", 1),
-    (boxed("ab"), "ba", 0),  # words never reach sympy (there a*b would equal b*a)
-]
-
-
-@pytest.mark.parametrize("response, gold, reward", MATH_CASES)
-def test_grade_math_table(response, gold, reward):
-    assert vineppo.grade_math(response, gold) == reward
-
-
-def test_math_table_is_large_and_has_both_outcomes():
-    assert len(MATH_CASES) >= 40
-    assert sum(r for _, _, r in MATH_CASES) >= 20 and sum(1 - r for _, _, r in MATH_CASES) >= 15
-
-
-@pytest.mark.parametrize("text, content", [
-    (r"$\boxed{\frac{1}{2}}$", r"\frac{1}{2}"), (r"\boxed{a}{b} \boxed{{c}d}", "{c}d"), (r"\fbox{7}", "7"),
-    (r"\boxed{}", None), (r"\boxed{1", None), ("no box", None),
-])
-def test_last_boxed_matches_braces(text, content):
-    assert vineppo.last_boxed(text) == content
-
-
-def test_sympy_has_a_time_limit():
-    """A power tower blocks sympy inside C code; the worker is killed at the limit and the next call works."""
-    start = time.time()
-    assert vineppo.grade_math(boxed(r"10^{9^{9^{9}}}"), "1") == 0.0
-    assert time.time() - start < vineppo.SYMPY_TIMEOUT_S + 5
-    assert vineppo.grade_math(boxed(r"2\sqrt{2}"), r"\sqrt{8}") == 1.0  # a fresh worker took over
-
-
-def test_latex_to_sympy_refuses_anything_but_arithmetic():
-    assert vineppo.latex_to_sympy(r"\frac{\sqrt{2}}{2}") == "((sqrt(2))/(2))"
-    for text in ["__import__('os')", "Monday", "a_1", r"\text{x}"]:
-        assert vineppo.latex_to_sympy(text) is None
-
-
-# ============================================================================================
-# 2. GSM8K grading (the official exact match after removing commas; we also drop '$')
-# ============================================================================================
-@pytest.mark.parametrize("response, gold, reward", [
-    ("48/2 = 24\n#### 1,234", "1234", 1), ("#### 1234", "1,234", 1), ("#### $18", "18", 1), ("#### $1,000.50", "1000.50", 1),
-    ("#### 2.5", "2.5", 1), ("#### 18.0", "18", 0),  # decided: string match, as the official grader ("18.0" != "18")
-    ("#### -3", "-3", 1), ("#### 3", "-3", 0), ("The answer is 18.", "18", 0), ("18", "18", 0),  # no #### -> 0
-])
-def test_grade_gsm8k_cases(response, gold, reward):
-    assert vineppo.grade_gsm8k(response, gold) == reward
-
-
 def test_gsm8k_rows_lose_calculator_annotations():
-    row = {"question": "Q?", "answer": "She sold 48/2 = <<48/2=24>>24 clips.\nIn all 48+24 = <<48+24=72>>72.\n#### 72"}
+    row = {"question": " Q?\n", "answer": "She sold 48/2 = <<48/2=24>>24 clips.\nIn all 48+24 = <<48+24=72>>72.\n#### 72"}
     problem = vineppo.to_problem("gsm8k", row)
     assert problem == {"problem": "Q?", "solution": "She sold 48/2 = 24 clips.\nIn all 48+24 = 72.\n#### 72", "answer": "72"}
     math_row = {"problem": "P", "solution": r"So $\boxed{\frac{1}{2}}$."}
@@ -120,77 +34,7 @@ def test_gsm8k_rows_lose_calculator_annotations():
 
 
 # ============================================================================================
-# 3. MATH step splitting: properties over many hand-written solutions
-# ============================================================================================
-MATH_SOLUTIONS = [
-    "We have $x = 2$. Then $y = x + 1 = 3$.\nSo the answer is $\\boxed{3}$.",
-    "Let the side be $s$. The area is $s^2 = 49$, so $s = 7$. The perimeter is $4s = \\boxed{28}$.",
-    "First, note that\n$$\n\\frac{a}{b} = \\frac{3}{4}.\n$$\nHence $4a = 3b$. Since $a + b = 14$, we get $a = 6$ and $b = 8$.\n"
-    "The answer is $\\boxed{6}$.",
-    "By Vieta's formulas, the sum of the roots is $-\\frac{b}{a} = 5$ and the product is $\\frac{c}{a} = 6$. "
-    "Therefore the roots are $2$ and $3$, and their sum of squares is $4 + 9 = \\boxed{13}$.",
-    "We compute \\[\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix} \\begin{pmatrix} 1 \\\\ 1 \\end{pmatrix} = "
-    "\\begin{pmatrix} 3 \\\\ 7 \\end{pmatrix}.\\] The answer is $\\boxed{\\begin{pmatrix} 3 \\\\ 7 \\end{pmatrix}}$.",
-    "There are $\\binom{5}{2} = 10$ ways to choose two. Of these, $4$ contain the red ball. So the probability "
-    "is $\\frac{4}{10} = \\boxed{\\frac{2}{5}}$.",
-    "\n\nThe shirt costs \\$20, and the pants cost \\$30. Together, they cost \\$50, which is the answer, $\\boxed{50}$.",
-    "Since the triangle is right, by Pythagoras, the hypotenuse is $\\sqrt{3^2 + 4^2} = 5$, and its area, "
-    "half the product of the legs, is $6$, so the inradius, area over semiperimeter, is $\\boxed{1}$.",
-    "We factor: \\begin{align*}\nx^2 - 5x + 6 &= 0 \\\\\n(x - 2)(x - 3) &= 0.\n\\end{align*}\nThe solutions are "
-    "$x = 2$ and $x = 3$. Their product is $\\boxed{6}$.",
-    "Ok.",
-    "Let $f(x) = 3x + 2$. Then \\(f(4) = 14\\). Also \\(f(f(1)) = f(5) = 17\\). Thus the sum is $14 + 17 = \\boxed{31}$.\n",
-    "The long formula here is $a_1 + a_2 + a_3 + a_4 + a_5 + a_6 + a_7 + a_8 + a_9 + a_{10} + a_{11} + a_{12} = "
-    "78$, so, since each term is one more than the last, and the first is one, the average, being the middle, "
-    "is $6.5$, and the answer is $\\boxed{6.5}$.",
-]
-SENTENCES = ["Note that $a = b$.", "Then $x^2 = 4$, so $x = 2$.", "We get $$y = \\frac{1}{2}\n+ 3$$ here.",
-             "Thus \\(z = 1\\).", "Hence", "A.", "This, in turn, gives, after a short check, a clean value, and so on, "
-             "which, again, we write down, carefully, for later, use.", "\\[\n\\sum_{k=1}^n k = \\frac{n(n+1)}{2}\n\\]",
-             "So $\\boxed{5}$."]
-
-
-def random_solution(rng: random.Random) -> str:
-    return "".join(rng.choice(SENTENCES) + rng.choice([" ", "\n", "\n\n", ". ", " "]) for _ in range(rng.randint(1, 12)))
-
-
-ALL_SOLUTIONS = MATH_SOLUTIONS + [random_solution(random.Random(i)) for i in range(200)]
-
-
-@pytest.mark.parametrize("text", ALL_SOLUTIONS)
-def test_split_math_steps_properties(text):
-    steps = vineppo.split_math_steps(text)
-    assert "".join(steps) == text  # re-join exactly
-    for step in steps:  # no boundary inside math: every step holds whole $..$ and \(..\), \[..\] regions
-        assert len(re.findall(r"(?<!\\)\$", step)) % 2 == 0, steps
-        assert step.count("\\(") == step.count("\\)") and step.count("\\[") == step.count("\\]")
-        assert step.count("\\begin{") == step.count("\\end{"), steps
-    if len(steps) > 1:
-        assert all(len(step) >= 20 for step in steps), steps  # short pieces were merged
-    blocked = vineppo.math_blocked(text)
-    offset = 0
-    for step in steps:  # a long step has nowhere to bisect: no ',' or '=' outside math in its middle half
-        n = len(step)
-        if n > 100:
-            assert not [i for i in range(n // 4 + 1, 3 * n // 4) if step[i - 1] in ",=" and not blocked[offset + i]]
-        offset += n
-
-
-def test_split_math_steps_hand_checked():
-    assert vineppo.split_math_steps(MATH_SOLUTIONS[0]) == ["We have $x = 2$. Then $y = x + 1 = 3$.",
-                                                           "\nSo the answer is $\\boxed{3}$."]
-    steps = vineppo.split_math_steps(MATH_SOLUTIONS[2])
-    assert steps[0] == "First, note that\n$$\n\\frac{a}{b} = \\frac{3}{4}.\n$$"  # no cut at the newlines inside $$
-    assert vineppo.split_math_steps("Ok.") == ["Ok."]
-    long = "This, in turn, gives, after a short check, a clean value, and so on, which, again, we write down, " \
-           "carefully, for later, use."
-    halves = vineppo.split_math_steps(long)
-    assert len(halves) == 2 and all(h for h in halves) and halves[0].endswith(",") and halves[1].startswith(" ")
-    assert vineppo.split_response("math", long) == halves and vineppo.split_response("gsm8k", "a\nb") == ["a", "\nb"]
-
-
-# ============================================================================================
-# 4. Local JSONL data through the real-model path, both critics
+# 2. Local JSONL data through the real-model path, both critics
 # ============================================================================================
 def write_jsonl(path: Path, rows: list[dict]) -> str:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -341,7 +185,7 @@ def test_validation_is_held_out_of_train_and_fixed(data_files):
 
 
 # ============================================================================================
-# 5. Model names, tokenizers, arguments
+# 3. Model names, tokenizers, arguments
 # ============================================================================================
 @pytest.mark.parametrize("name, resolved", [
     ("Qwen2.5-0.5B", "Qwen/Qwen2.5-0.5B"), ("Qwen2.5-Math-1.5B", "Qwen/Qwen2.5-Math-1.5B"),
@@ -392,7 +236,7 @@ def test_prompt_never_ends_with_eos():
 
 
 # ============================================================================================
-# 6. No network: a fast, clear error (an unreachable hub simulated by a closed local port)
+# 4. No network: a fast, clear error (an unreachable hub simulated by a closed local port)
 # ============================================================================================
 def closed_port() -> int:
     with socket.socket() as s:
