@@ -1,18 +1,30 @@
 """Do value networks predict the value? The paper's value-prediction analysis, runnable and honest.
 
-Kazemnejad et al., "VinePPO" (arXiv 2410.01679), the analysis of PPO's value network: on the states of
-held-out responses, compare each value estimator with a ground truth V_gt(s), the mean reward of K_gt = 256
-fresh rollouts from s, and test how well each one ranks alternative next steps.
+Kazemnejad et al., "VinePPO" (arXiv 2410.01679), the analysis of PPO's value network (official code:
+src/treetune/analyzers/mc_value_prediction_analyzer.py and mc_value_action_ranking_analyzer.py): on the states
+of held-out responses, compare each value estimator with a ground truth V_gt(s), the mean reward of
+K_gt = 256 fresh rollouts from s, and test how well each one ranks alternative next steps.
 
-    python compare_critics.py                           # trains the demo's `--critic value` run, then compares
+    python compare_critics.py                                # trains the demo's `--critic value` run, then compares
     python compare_critics.py --run runs/arith-value-seed0   # a finished `vineppo.py --critic value` run
-    python compare_critics.py --help                    # every flag
+    python compare_critics.py --help                         # every flag
 
-Estimators: Monte Carlo with K = 1, 3, 9 FRESH rollouts (never a subsample of the ground-truth ones: the
-official analyzer did that, which flatters MC), the run's value network, and a constant (the mean of V_gt).
-The noise ceiling is a second, independent K_gt estimate. Every figure has a bootstrap 95% interval
-(problems resampled for value prediction, states for ranking). Writes <output-dir>/results.json and three
-PNG figures, and prints the table beside the paper's figures.
+States: the prompt state s_0 and every step boundary of responses sampled on held-out problems, built as
+`assign_mc_advantages` builds them. s_0 is one state per problem and its value is the problem's difficulty
+alone, so, as in the paper's figures, it is reported apart from the other states ("all" pools them).
+Estimators: Monte Carlo with K = 1, 3, 9 rollouts that are never part of V_gt (K = 1 and 3 are the first of
+the 9); the run's value network, read at the state's last token (the position PPO trains it at); a constant
+(the mean V_gt: the best constant, an oracle); and the noise ceiling, a second independent K_gt estimate.
+(The official value-prediction analyzer compared the values computed during training, independent of its
+ground truth; only its action-ranking analyzer subsampled MC's K from the ground-truth rollouts, which
+flatters MC. Here no estimator shares a rollout with V_gt in either test.)
+Metrics: MAE, Pearson r, r within a problem (per-problem means removed: knowing only how hard a problem is
+scores 0; undefined on s_0), MAE by relative position in the chain; ranking: from a state, sample
+continuations, keep each one's first step, keep states with several distinct next steps; a step's truth is
+V_gt(s + step); top-1 accuracy (chance = mean of #best / #steps) and pairwise accuracy (pairs tied in V_gt
+skipped, an estimator's tie counts 1/2: chance is exactly 0.5). Every figure has a bootstrap 95% interval
+(problems resampled, seeded). Writes <output-dir>/results.json (every state's truth and predictions too),
+pred_vs_true.png, mae_by_position.png and ranking.png, and prints the table beside the paper's figures.
 
 The file reads top to bottom in the order the analysis runs:
     Args -> metrics (pure functions) -> states and rollouts -> estimators -> ranking -> report -> main.
@@ -119,17 +131,19 @@ def mc_ks(args: Args) -> list[int]:
 # Metrics: pure functions of predictions and ground truths
 # ============================================================================================
 def mean_absolute_error(predicted: list[float], truth: list[float]) -> float:
-    """mean |prediction - V_gt|."""
-    return sum(abs(p - t) for p, t in zip(predicted, truth)) / len(truth)
+    """mean |prediction - V_gt|; nan for no state."""
+    return sum(abs(p - t) for p, t in zip(predicted, truth)) / len(truth) if truth else float("nan")
 
 
 def pearson(x: list[float], y: list[float]) -> float:
-    """Pearson correlation; nan when either side is constant (a constant predicts no ORDER at all).
+    """Pearson correlation; nan when either side is constant (a constant predicts no ORDER at all) or empty.
 
     >>> pearson([1, 2, 3], [2, 4, 7])
     0.9933992677987828
     """
     n = len(x)
+    if n == 0:
+        return float("nan")
     mx, my = sum(x) / n, sum(y) / n
     sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
     sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
@@ -240,16 +254,17 @@ def load_run(run_dir: str, device):
     return policy, tokenizer, value_model, run_args
 
 
-def response_states(episodes: list[vineppo.Episode], max_states: int) -> list[dict]:
+def response_states(episodes: list[vineppo.Episode]) -> list[dict]:
     """The states of held-out responses as `assign_mc_advantages` builds them: s_i = prompt + the
-    response's own first t_i tokens, t_i = step_starts[i] (s_0 = the prompt), at most max_states per
-    response. Identical states (every s_0 of a problem) are kept once, with the position of their first
-    visit: i / (number of steps), 0 for the prompt."""
+    response's own first t_i tokens, t_i = step_starts[i] (s_0 = the prompt); all of them, as in the
+    official analyzer (training's cap on valued states is a cost saving, not part of the question).
+    Identical states (every s_0 of a problem) are kept once, with the position of their first visit:
+    i / (number of steps), 0 for the prompt; `is_prompt` marks s_0."""
     states = {}
     for e in episodes:
-        for i, state in enumerate(vineppo.episode_states(e, max_states)):
+        for i, state in enumerate(vineppo.episode_states(e)):
             states.setdefault(state, {"state": state, "problem": e.problem_index, "prompt_len": len(e.prompt_ids),
-                                      "position": i / len(e.step_starts)})
+                                      "position": i / len(e.step_starts), "is_prompt": i == 0})
     return list(states.values())
 
 
@@ -331,15 +346,21 @@ def find_alternatives(model, tokenizer, records: list[dict], run_args: vineppo.A
 # ============================================================================================
 # Report: metrics with intervals, table, results.json, figures
 # ============================================================================================
+SUBSETS = {"s_0": lambda r: r["is_prompt"], "other states": lambda r: not r["is_prompt"], "all": lambda r: True}
+
+
 def summarize(records: list[dict], ranked: list[dict], names: list[str], args: Args) -> dict:
-    """Every metric of every estimator with its bootstrap 95% interval. The bootstrap resamples problems
-    (a problem's states, and its ranked states, are not independent of each other)."""
-    clusters, ranked_clusters = {}, {}
+    """Every metric of every estimator with its bootstrap 95% interval. Value prediction is reported on
+    s_0, on the other states and on all (`SUBSETS`). The bootstrap resamples problems (a problem's states,
+    and its ranked states, are not independent of each other), among the problems that have such states."""
+    by_problem, ranked_clusters = {}, {}
     for r in records:
-        clusters.setdefault(r["problem"], []).append(r)
+        by_problem.setdefault(r["problem"], []).append(r)
     for g in ranked:
         ranked_clusters.setdefault(g["parent"]["problem"], []).append(g)
-    clusters, ranked_clusters = list(clusters.values()), list(ranked_clusters.values())
+    ranked_clusters = list(ranked_clusters.values())
+    subsets = {subset: [c for c in ([r for r in rs if keep(r)] for rs in by_problem.values()) if c]
+               for subset, keep in SUBSETS.items()}  # subset -> [a problem's states in it]
     boot = functools.partial(bootstrap_ci, n_resamples=args.bootstrap, seed=args.seed)
     flat = lambda cs: [r for c in cs for r in c]  # noqa: E731
     out = {}
@@ -351,9 +372,13 @@ def summarize(records: list[dict], ranked: list[dict], names: list[str], args: A
             "pearson": lambda cs: pearson(pred(flat(cs)), truth(flat(cs))),
             "within_problem_pearson": lambda cs: within_problem_pearson([(pred(c), truth(c)) for c in cs]),
         }
-        row = {key: {"value": f(clusters), "ci95": boot(f, clusters)} for key, f in stats.items()}
-        row["mae_by_position"] = mae_by_position(pred(records), truth(records), [r["position"] for r in records],
-                                                 args.position_bins)
+        row = {}
+        for subset, clusters in subsets.items():
+            states = flat(clusters)
+            row[subset] = {key: {"value": f(clusters), "ci95": boot(f, clusters)} for key, f in stats.items()}
+            row[subset]["n_states"] = len(states)
+            row[subset]["mae_by_position"] = mae_by_position(pred(states), truth(states),
+                                                             [r["position"] for r in states], args.position_bins)
         groups = lambda gs: [([c["pred"][name] for c in g["children"]], [c["truth"] for c in g["children"]])  # noqa: E731
                              for g in gs]
         if ranked:
@@ -376,41 +401,56 @@ def fmt(entry: dict | None) -> str:
     return f"{entry['value']:.3f} [{lo:.2f}, {hi:.2f}]" if not math.isnan(lo) else f"{entry['value']:.3f}"
 
 
-def print_table(summary: dict, names: list[str], args: Args, n_states: int, n_problems: int, n_ranked: int) -> None:
-    print(f"\nValue prediction on {n_states} states of {n_problems} held-out problems (V_gt: K_gt={args.k_gt} "
-          f"rollouts); ranking on {n_ranked} states with >= {args.min_alternatives} distinct next steps. "
-          f"[95% bootstrap interval]")
-    header = f"{'estimator':<26} {'MAE':<21} {'Pearson r':<21} {'within-problem r':<21} {'top-1':<21} {'pairwise':<21} paper (2nd)"
+def print_table(summary: dict, names: list[str], args: Args, n_problems: int, n_ranked: int) -> None:
+    width = 22
+    print(f"\nValue prediction on the states of {n_problems} held-out problems (V_gt: K_gt={args.k_gt} rollouts), "
+          f"the prompt state s_0 apart. [95% bootstrap interval, problems resampled]")
+    header = f"{'estimator':<26} {'states':<18} {'MAE':<{width}} {'Pearson r':<{width}} within-problem r"
     print(header + "\n" + "-" * len(header))
     for name in names:
-        row = summary[name]
-        print(f"{name:<26} {fmt(row['mae']):<21} {fmt(row['pearson']):<21} {fmt(row['within_problem_pearson']):<21} "
-              f"{fmt(row.get('top1')):<21} {fmt(row.get('pairwise')):<21} {PAPER.get(name, '')}")
-    if "chance" in summary:
-        print(f"{'chance':<26} {'':<21} {'':<21} {'':<21} {fmt(summary['chance']['top1']):<21} {'0.500':<21}")
-    print("paper (2nd): DeepSeekMath 7B on MATH, from secondary summaries of the paper, not the paper itself.")
+        for i, subset in enumerate(SUBSETS):
+            row = summary[name][subset]
+            print(f"{name if i == 0 else '':<26} {subset + ' (' + str(row['n_states']) + ')':<18} "
+                  f"{fmt(row['mae']):<{width}} {fmt(row['pearson']):<{width}} {fmt(row['within_problem_pearson'])}")
     edges = [f"{b / args.position_bins:.2f}-{(b + 1) / args.position_bins:.2f}" for b in range(args.position_bins)]
-    print(f"\nMAE by relative position in the chain ({' | '.join(edges)}):")
+    print(f"\nMAE by relative position in the chain, other states ({' | '.join(edges)}):")
     for name in names:
-        print(f"  {name:<26} " + " | ".join("  n/a " if math.isnan(v) else f"{v:.3f}" for v in summary[name]["mae_by_position"]))
+        print(f"  {name:<26} " + " | ".join("  n/a " if math.isnan(v) else f"{v:.3f}"
+                                          for v in summary[name]["other states"]["mae_by_position"]))
+    if "chance" in summary:
+        print(f"\nRanking alternative next steps on {n_ranked} states with >= {args.min_alternatives} distinct next steps.")
+        header = f"{'estimator':<26} {'top-1':<{width}} pairwise"
+        print(header + "\n" + "-" * len(header))
+        for name in names:
+            print(f"{name:<26} {fmt(summary[name]['top1']):<{width}} {fmt(summary[name]['pairwise'])}")
+        print(f"{'chance':<26} {fmt(summary['chance']['top1']):<{width}} 0.500")
+    print("\nThe paper's figures (DeepSeekMath 7B on MATH, from secondary summaries of the paper, not the paper itself):")
+    for name, figures in PAPER.items():
+        print(f"  {name:<26} {figures}")
 
 
 def save_figures(records: list[dict], summary: dict, names: list[str], args: Args) -> list[str]:
-    """Three PNGs: predicted vs V_gt (2-D histograms), MAE by chain position, ranking accuracy with chance."""
+    """Three PNGs: predicted vs V_gt (2-D histograms of the other states, s_0 as red crosses), MAE by chain
+    position of the other states, ranking accuracy with chance."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     paths = []
-    truth = [r["truth"] for r in records]
+    others, prompts = [r for r in records if not r["is_prompt"]], [r for r in records if r["is_prompt"]]
     cols = 3
     rows = math.ceil(len(names) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.6 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names):
         pred = [r["pred"][name] for r in records]
-        ax.hist2d(truth, pred, bins=20, range=[[0, 1], [min(0, min(pred)), max(1, max(pred))]], cmap="viridis", cmin=1)
+        if others:
+            ax.hist2d([r["truth"] for r in others], [r["pred"][name] for r in others], bins=20, cmap="viridis", cmin=1,
+                      range=[[0, 1], [min(0, min(pred)), max(1, max(pred))]])
+        ax.scatter([r["truth"] for r in prompts], [r["pred"][name] for r in prompts], marker="x", color="red", s=14,
+                   label="s_0")
         ax.plot([0, 1], [0, 1], color="gray", lw=0.8, ls="--")
-        ax.set_title(f"{name}\nMAE {summary[name]['mae']['value']:.3f}", fontsize=9)
+        mae = {subset: summary[name][subset]["mae"]["value"] for subset in ("s_0", "other states")}
+        ax.set_title(f"{name}\nMAE s_0 {mae['s_0']:.3f}, other states {mae['other states']:.3f}", fontsize=9)
         ax.set_xlabel("V_gt (K_gt rollouts)")
         ax.set_ylabel("predicted")
     for ax in list(axes.flat)[len(names):]:
@@ -423,8 +463,8 @@ def save_figures(records: list[dict], summary: dict, names: list[str], args: Arg
     fig, ax = plt.subplots(figsize=(6, 4))
     centers = [(b + 0.5) / args.position_bins for b in range(args.position_bins)]
     for name in names:
-        ax.plot(centers, summary[name]["mae_by_position"], marker="o", label=name)
-    ax.set_xlabel("relative position in the chain (state index / steps)")
+        ax.plot(centers, summary[name]["other states"]["mae_by_position"], marker="o", label=name)
+    ax.set_xlabel("relative position in the chain (state index / steps), s_0 left out")
     ax.set_ylabel("MAE against V_gt")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -480,7 +520,7 @@ def main(argv: list[str] | None = None) -> dict:
     # 1. states: every step boundary of responses the policy samples on held-out problems
     phase = time.time()
     episodes = vineppo.sample_episodes(policy, tokenizer, test, indices, run_args)
-    records = response_states(episodes, run_args.max_states_per_response)
+    records = response_states(episodes)
     # 2. ground truth, its independent copy, and fresh MC rollouts, for the states...
     estimate_all(records, make_rollout(policy, tokenizer, records, test, run_args, "V_gt and MC rollouts (states)"), args)
     timings["states_s"] = time.time() - phase
@@ -512,13 +552,14 @@ def main(argv: list[str] | None = None) -> dict:
     phase = time.time()
     summary = summarize(records, ranked, names, args)
     timings["bootstrap_s"] = time.time() - phase
-    print_table(summary, names, args, len(records), len(indices), len(ranked))
+    print_table(summary, names, args, len(indices), len(ranked))
     figures = save_figures(records, summary, names, args)
     timings["total_s"] = time.time() - start
     results = {"args": asdict(args), "run_args": asdict(run_args), "n_states": len(records),
                "n_problems": len(indices), "n_ranking_states": len(ranked), "n_next_steps": len(children),
                "mean_value": mean_value, "metrics": summary, "timings": timings, "figures": figures,
-               "states": [{key: r[key] for key in ("problem", "position", "truth", "truth2", "pred")} for r in records],
+               "states": [{key: r[key] for key in ("problem", "position", "is_prompt", "truth", "truth2", "pred")}
+                          for r in records],
                "ranking": [{"problem": g["parent"]["problem"], "truth": [c["truth"] for c in g["children"]],
                             "pred": {n: [c["pred"][n] for c in g["children"]] for n in names}} for g in ranked]}
     with open(results_path, "w") as f:

@@ -124,6 +124,44 @@ def test_bootstrap_ci_resamples_whole_clusters_and_drops_undefined():
     assert all(math.isnan(v) for v in cc.bootstrap_ci(lambda cs: float("nan"), clusters, n_resamples=5, seed=0))
 
 
+def state(problem, position, truth, pred):
+    return {"problem": problem, "position": position, "is_prompt": position == 0, "truth": truth, "pred": {"est": pred}}
+
+
+def test_summary_reports_the_prompt_state_apart_from_the_other_states(capsys):
+    """s_0 (one per problem), the other states and all of them are three separate rows, each from its own states."""
+    records = [state(0, 0.0, 0.5, 0.6), state(0, 0.25, 1.0, 0.7), state(0, 0.5, 0.0, 0.1),
+               state(1, 0.0, 0.2, 0.0), state(1, 0.5, 0.5, 0.5), state(1, 0.75, 1.0, 0.6)]
+    row = cc.summarize(records, [], ["est"], cc.Args(bootstrap=50, position_bins=2))["est"]
+    assert (row["s_0"]["n_states"], row["other states"]["n_states"], row["all"]["n_states"]) == (2, 4, 6)
+    assert row["s_0"]["mae"]["value"] == pytest.approx((0.1 + 0.2) / 2)
+    assert row["other states"]["mae"]["value"] == pytest.approx((0.3 + 0.1 + 0.0 + 0.4) / 4)
+    assert row["all"]["mae"]["value"] == pytest.approx((0.1 + 0.3 + 0.1 + 0.2 + 0.0 + 0.4) / 6)
+    assert row["s_0"]["pearson"]["value"] == pytest.approx(1.0)  # two points: a line
+    assert math.isnan(row["s_0"]["within_problem_pearson"]["value"])  # one s_0 per problem: nothing within
+    assert row["other states"]["within_problem_pearson"]["value"] == pytest.approx(
+        cc.within_problem_pearson([([0.7, 0.1], [1.0, 0.0]), ([0.5, 0.6], [0.5, 1.0])]))
+    assert row["other states"]["mae_by_position"] == pytest.approx([0.3, (0.1 + 0.0 + 0.4) / 3])  # s_0 not in bin 0
+    assert row["all"]["mae_by_position"][0] == pytest.approx((0.1 + 0.3 + 0.2) / 3)
+    cc.print_table({"est": row}, ["est"], cc.Args(position_bins=2), n_problems=2, n_ranked=0)
+    printed = capsys.readouterr().out
+    assert "s_0 (2)" in printed and "other states (4)" in printed and "all (6)" in printed
+
+
+def test_summary_bootstrap_resamples_problems_within_each_subset():
+    """Problem 0 has three other states with error 0.3, problem 1 one with error 0.1. Resampling PROBLEMS
+    can only give 0.3 (0 twice), 0.25 (both: 1.0 / 4) or 0.1 (1 twice); resampling states would give others.
+    A subset that no state of a problem falls in (problem 2 has only s_0) leaves that problem out of it."""
+    records = [state(0, 0.0, 0.5, 0.5), *[state(0, x, 0.5, 0.8) for x in (0.25, 0.5, 0.75)],
+               state(1, 0.0, 0.5, 0.5), state(1, 0.5, 0.5, 0.4), state(2, 0.0, 0.5, 0.5)]
+    row = cc.summarize(records, [], ["est"], cc.Args(bootstrap=200, seed=1))["est"]
+    lo, hi = row["other states"]["mae"]["ci95"]
+    assert {round(lo, 9), round(hi, 9)} <= {0.3, 0.25, 0.1} and lo < hi
+    assert row["s_0"]["n_states"] == 3 and row["s_0"]["mae"]["ci95"] == (0.0, 0.0)
+    only_prompts = cc.summarize([r for r in records if r["is_prompt"]], [], ["est"], cc.Args(bootstrap=20))["est"]
+    assert only_prompts["other states"]["n_states"] == 0 and math.isnan(only_prompts["other states"]["mae"]["value"])
+
+
 # ============================================================================================
 # 4. States, next steps and estimators, exactly as vineppo.py builds them
 # ============================================================================================
@@ -145,12 +183,14 @@ def test_response_states_are_trajectory_prefixes_deduped_with_positions(tok):
         steps = vineppo.split_steps(decode(response))
         episodes.append(vineppo.Episode(5, prompt, response, text, 0.0, False, steps=steps,
                                         step_starts=vineppo.step_token_starts(decode, response, steps)))
-    records = cc.response_states(episodes, max_states=25)
+    records = cc.response_states(episodes)
     assert [r["state"] for r in records] == [tuple(prompt), tuple(prompt + ids(tok, "\n7*2=14")),
                                             tuple(prompt + ids(tok, "\n7*2=9"))]  # s_0 once
     assert [r["position"] for r in records] == [0.0, 0.5, 0.5]
+    assert [r["is_prompt"] for r in records] == [True, False, False]  # s_0, reported apart
     assert all(r["problem"] == 5 and r["prompt_len"] == len(prompt) for r in records)
-    assert len(cc.response_states(episodes, max_states=1)) == 1  # the official cap of valued states
+    long = vineppo.Episode(0, [1], list(range(2, 42)), "", 0.0, False, step_starts=list(range(0, 40)))
+    assert len(cc.response_states([long])) == 40  # every state, past training's cap of 26 too
 
 
 def test_next_step_state_appends_exactly_one_step(tok):
@@ -249,12 +289,14 @@ def test_tiny_end_to_end_run(tmp_path, monkeypatch, tok):
     for state in saved["states"]:
         assert 0 <= state["truth"] <= 1 and (state["truth"] * 16).is_integer()
         assert set(names) <= set(state["pred"]) and (state["pred"]["MC K=3"] * 3).is_integer()
-        assert 0 <= state["position"] < 1
+        assert 0 <= state["position"] < 1 and state["is_prompt"] == (state["position"] == 0)
     metrics = saved["metrics"]
     for name in names:
-        lo, hi = metrics[name]["mae"]["ci95"]
-        assert lo <= metrics[name]["mae"]["value"] <= hi
-        assert len(metrics[name]["mae_by_position"]) == 4
+        for subset in ("s_0", "other states", "all"):
+            lo, hi = metrics[name][subset]["mae"]["ci95"]
+            assert lo <= metrics[name][subset]["mae"]["value"] <= hi
+            assert len(metrics[name][subset]["mae_by_position"]) == 4
+        assert metrics[name]["s_0"]["n_states"] == sum(s["is_prompt"] for s in saved["states"]) == 2
     constant = next(n for n in metrics if n.startswith("constant"))
     if not math.isnan(metrics["chance"]["top1"]["value"]):
         assert metrics[constant]["top1"]["value"] == pytest.approx(metrics["chance"]["top1"]["value"])
