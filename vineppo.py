@@ -25,6 +25,7 @@ import bisect
 import copy
 import functools
 import inspect
+import itertools
 import json
 import math
 import multiprocessing
@@ -69,8 +70,7 @@ class Args:
     mc_rollouts: int = 9
     """K, continuations sampled from each state to estimate its value (paper: 9)"""
     iterations: int = -1
-    """RL iterations (sample -> credit -> update), they set the LR decay; -1 = the paper's (650 GSM8K, 1000 MATH);
-    0 = SFT and evaluate only, then save"""
+    """RL iterations (they set the LR decay); -1 = the paper's (650 GSM8K, 1000 MATH); 0 = SFT and evaluate only"""
     seed: int = 0
     """seed for python, torch and the task generator"""
     output_dir: str = ""
@@ -102,8 +102,7 @@ class Args:
     step_chunk_tokens: int = 8
     """tokens per step with --step-split tokens"""
     max_states_per_response: int = -1
-    """states valued per response, s_0 included; later states get V = R; -1 = the official's (26 on GSM8K and
-    the built-in task, no cap on MATH); 0 = no cap"""
+    """states valued per response (s_0 included; later ones get V = R); -1 = official: 26, all on MATH; 0 = all"""
     rollout_batch_size: int = 256
     """most sequences in one `generate` call (the memory bound of the rollout phases)"""
     gradient_checkpointing: bool = False
@@ -170,23 +169,15 @@ class Args:
 def split_steps(text: str) -> list[str]:
     """Split a response into reasoning steps on its text; the steps re-join to the text exactly.
 
-    GSM8K rule (paper section 4, official code): one step per line; each later step carries its own leading newline; leading
-    empty lines go into the first step; blank lines go into the step after them; the '#### answer' line
-    and anything after it merge into the last step. There is always at least one step.
+    GSM8K rule (paper section 4, official code): one step per line, each later step with its own leading
+    newline; blank lines join the step after them (trailing ones the last step); the '#### answer' line and
+    anything after it join the last step. There is always at least one step.
 
     >>> split_steps("\\n7+5=12\\n12*3=36\\n#### 36\\n")
     ['\\n7+5=12', '\\n12*3=36\\n#### 36\\n']
     """
-    pieces = []  # cut before every newline: "a\nb" -> ["a", "\nb"]
-    start = 0
-    for i, char in enumerate(text):
-        if char == "\n" and i > 0:
-            pieces.append(text[start:i])
-            start = i
-    pieces.append(text[start:])
-
     steps, pending, answered = [], "", False  # `pending` holds blank lines waiting for the next real line
-    for piece in pieces:
+    for piece in re.split(r"(?=\n)", text):  # cut before every newline: "a\nb" -> ["a", "\nb"]
         if not piece.strip():
             pending += piece
         elif steps and (answered or piece.lstrip().startswith("####")):
@@ -196,12 +187,9 @@ def split_steps(text: str) -> list[str]:
             steps.append(pending + piece)
             pending = ""
         answered = answered or piece.lstrip().startswith("####")
-    if pending:
-        if steps:
-            steps[-1] += pending
-        else:
-            steps.append(pending)
-    if not steps:
+    if steps:
+        steps[-1] += pending
+    else:  # only blank lines (or nothing)
         steps = [text]
     assert "".join(steps) == text, "steps must re-join to the response"
     return steps
@@ -215,20 +203,14 @@ def split_response(task: str, text: str) -> list[str]:
 def step_token_starts(decode, response_ids: list[int], steps: list[str]) -> list[int]:
     """Map step boundaries on the text to token positions of the response, by character offsets.
 
-    Token j starts at the character where decode(ids[:j]) stops agreeing with the text (a byte-level
-    token may end inside a multi-byte character, which decodes to a stray U+FFFD: that partial character
-    is not counted, so it stays with the token that completes it). A token belongs to the step that holds its first
-    character, so step i begins at the first token that starts at or after the step's first character.
-    A token that spans a boundary (BPE merges like ".\\n") stays with the step it starts in. Steps that
-    own no token are merged into the next one. Returns strictly increasing positions, the first 0.
-
+    Token j starts where decode(ids[:j]) stops agreeing with the text (a partial multi-byte character
+    decodes to a stray U+FFFD and is not counted). A token belongs to the step that holds its first
+    character, so one that spans a boundary (BPE merges like ".\\n") stays with the step it starts in;
+    a step that owns no token merges into the next. Returns strictly increasing positions, the first 0.
     The states are then the trajectory's own prefixes prompt + ids[:t], never re-tokenized text.
     """
     text = "".join(steps)
-    char_starts, position = [], 0
-    for step in steps:
-        char_starts.append(position)
-        position += len(step)
+    char_starts = list(itertools.accumulate(map(len, steps[:-1]), initial=0))
 
     def first_token_at_or_after(char: int) -> int:  # binary search; decode length grows with j
         lo, hi = 0, len(response_ids)
@@ -271,45 +253,9 @@ class Episode:
     reward: float
     truncated: bool  # hit max_new_tokens without EOS (reward 0)
     steps: list[str] = field(default_factory=list)  # the response text split into steps
-    # token position where each step begins; a step that owns no token is merged into the next, so this
-    # list can be shorter than `steps`
-    step_starts: list[int] = field(default_factory=list)
+    step_starts: list[int] = field(default_factory=list)  # token where each step begins (<= len(steps))
     step_values: list[float] = field(default_factory=list)  # V(s_i) at step starts: MC, or the critic's (shown)
     token_advantages: list[float] = field(default_factory=list)  # one per response token
-
-
-def shared_prefix_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-    """The KV cache of each row's prompt but its last token, computed ONCE per distinct prompt and copied to
-    the rows that repeat it (the K rollouts of one MC state, the samples of one problem): given it, `generate`
-    runs only the last prompt token and the new ones, so K copies pay one prefill instead of K. Rows never
-    mix and the random stream is untouched, so the samples are the ones `generate` draws without it, up to
-    float rounding (the last prompt token runs as a one-token step: its logits move by ~1e-7, a test checks).
-    None when no row repeats another: nothing to save.
-
-    input_ids, attention_mask: [rows, width], left-padded, on the model's device.
-    """
-    width = input_ids.shape[1]
-    distinct, row_of = torch.unique(torch.cat([input_ids, attention_mask], dim=1), dim=0, return_inverse=True)
-    if len(distinct) == len(input_ids) or width < 2:
-        return None
-    ids, mask = distinct.split(width, dim=1)  # [distinct, width] each
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # numbered as `generate` numbers padded rows
-    cache = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-                  use_cache=True, logits_to_keep=1).past_key_values  # [distinct, heads, width - 1, head_dim] per layer
-    cache.batch_select_indices(row_of)  # [rows, ...]: every row gets the keys and values of its own prompt
-    return cache
-
-
-@contextmanager
-def library_generation_defaults(model):
-    """The library's defaults as the model's own generation config for the duration, restored after: `generate`
-    fills every field a GenerationConfig leaves unset from the model's (a checkpoint's saved repetition_penalty,
-    no_repeat_ngram_size, ...), which would change the distribution the samples come from."""
-    saved, model.generation_config = model.generation_config, GenerationConfig()
-    try:
-        yield
-    finally:
-        model.generation_config = saved
 
 
 @torch.inference_mode()
@@ -318,13 +264,10 @@ def sample_continuations(model, prefixes: list[list[int]], budgets: list[int], *
                          progress: bool = True, share_prefixes: bool = True) -> list[tuple[list[int], bool]]:
     """Sample one continuation of each prefix with `generate`; returns (new_ids, ended_with_eos) per prefix.
 
-    Rows are sorted by prefix length so each batch pads little (cost follows the padded length), and at
-    most `batch_size` rows go into one call. Row i may add at most budgets[i] tokens; a row that reaches
-    its budget without EOS is returned with ended_with_eos=False. The EOS token is kept in new_ids.
-    Identical prefixes in a call share one prefill (`shared_prefix_cache`; `share_prefixes=False` turns it
-    off, for the benchmark). The rows, their order and the number of decode steps, hence the random stream,
-    stay the same. (Stopping a row at its budget would not: a call that ended earlier would leave the
-    generator elsewhere for the next one.)
+    Rows are sorted by prefix length so each batch pads little, at most `batch_size` rows a call. Row i may
+    add at most budgets[i] tokens; one that reaches its budget without EOS is returned with False. The EOS
+    token is kept in new_ids. Identical prefixes share one prefill (`shared_prefix_cache`; off with
+    share_prefixes=False, for the benchmark): same rows, same decode steps, so the same random stream.
     """
     device = next(model.parameters()).device
     order = sorted(range(len(prefixes)), key=lambda i: (len(prefixes[i]), budgets[i]))
@@ -344,10 +287,7 @@ def sample_continuations(model, prefixes: list[list[int]], budgets: list[int], *
         new_tokens = output[:, width:].tolist()  # [rows, <= max budget]
         for r, i in enumerate(rows):
             ids = new_tokens[r][:budgets[i]]
-            if eos_id in ids:
-                results[i] = (ids[:ids.index(eos_id) + 1], True)
-            else:
-                results[i] = (ids, False)
+            results[i] = (ids[:ids.index(eos_id) + 1], True) if eos_id in ids else (ids, False)
     return results
 
 
@@ -421,12 +361,9 @@ def mc_rollout(model, tokenizer, origin: dict, args: Args, counts: dict | None =
 def mc_values(states: list[tuple[int, ...]], k: int, rollout) -> tuple[dict, dict]:
     """Monte Carlo value of each distinct state: the mean reward of K fresh continuations from it.
 
-    `rollout(prefixes)` samples one continuation per prefix from pi_old and returns its reward (0 for one
-    cut by the length limit). Identical states are rolled out once; the rollouts of ALL states go out in
-    one call, so the sampler can batch them together. The response that visited a state never counts in
-    its value: that would bias the estimate.
-
-    Returns ({state: V(s)}, {state: [K rewards]}).
+    `rollout(prefixes)` samples one continuation per prefix from pi_old and returns its reward. Identical
+    states are rolled out once, all states in one call (batched together). The response that visited a
+    state never counts in its value: that would bias it. Returns ({state: V(s)}, {state: [K rewards]}).
     """
     unique = list(dict.fromkeys(states))
     prefixes = [state for state in unique for _ in range(k)]  # [n_unique * K]
@@ -520,12 +457,9 @@ class ValueNetwork(nn.Module):
 
 def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float,
                    lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalized advantage estimation over response tokens (right-aligned, padding masked).
-
-    delta_t = r_t + gamma V(s_{t+1}) - V(s_t), with V = 0 after the last token;
-    A_t = delta_t + gamma lambda A_{t+1}; returns = A + V. With gamma = lambda = 1, A_t = R - V(s_t).
-    rewards, values, mask: [B, T]. Returns (advantages, returns), both [B, T], zero at padding.
-    """
+    """GAE over response tokens: delta_t = r_t + gamma V(s_{t+1}) - V(s_t) (V = 0 after the last token),
+    A_t = delta_t + gamma lambda A_{t+1}, returns = A + V; with gamma = lambda = 1, A_t = R - V(s_t).
+    rewards, values, mask: [B, T], right-aligned. Returns (advantages, returns), [B, T], zero at padding."""
     values = values * mask
     advantages = torch.zeros_like(values)
     running = torch.zeros_like(values[:, 0])  # [B]
@@ -544,9 +478,8 @@ def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tens
 def group_advantages(rewards: list[float], groups: list[int], method: str) -> list[float]:
     """One advantage per response from the other samples of its problem (its group); no value of any state.
 
-    'grpo' (Shao et al. 2024, DeepSeekMath): A = (R - mean of the group) / (std of the group + 1e-4),
-    with the sample std (n - 1), as TRL computes it. 'rloo' (Ahmadian et al. 2024): A = R - mean of the
-    OTHER responses of the group. A group of one, or a group whose rewards are all equal, gets 0.
+    'grpo' (Shao et al. 2024): A = (R - group mean) / (group std + 1e-4), sample std (n - 1) as in TRL;
+    'rloo' (Ahmadian et al. 2024): A = R - mean of the OTHER responses. A group of one, or of equal rewards, gets 0.
 
     >>> group_advantages([1.0, 0.0, 0.0, 0.0], [0, 0, 0, 0], "rloo")
     [1.0, -0.3333333333333333, -0.3333333333333333, -0.3333333333333333]
@@ -555,9 +488,9 @@ def group_advantages(rewards: list[float], groups: list[int], method: str) -> li
     """
     if method not in ("grpo", "rloo"):
         raise ValueError(f"method must be 'grpo' or 'rloo', got {method!r}")
-    members: dict[int, list[float]] = {}
+    members = defaultdict(list)
     for reward, group in zip(rewards, groups):
-        members.setdefault(group, []).append(reward)
+        members[group].append(reward)
     advantages = []
     for reward, group in zip(rewards, groups):
         rs = members[group]
@@ -588,8 +521,13 @@ def assign_credit(episodes: list[Episode], batch: dict, fixed: dict, policy, tok
         store_critic_credit(episodes, advantages, fixed["values_old"])
         return advantages, returns, {"tokens/mc": 0, "value/explained_variance":
                                      explained_variance(fixed["values_old"], returns, batch["response_mask"])}
-    if args.critic == "mc":
+    if args.critic == "mc":  # credit quality, comparable with the critic's: V(s) of each token's step vs R
         stats = assign_mc_advantages(policy, tokenizer, episodes, problems, args)
+        values = [e.step_values + [e.reward] * (len(e.step_starts) - len(e.step_values)) for e in episodes]
+        stats["mc/explained_variance"] = explained_variance(
+            right_aligned([token_advantages(v, e.step_starts, len(e.response_ids)) for v, e in zip(values, episodes)],
+                          width), right_aligned([[e.reward] * len(e.response_ids) for e in episodes], width),
+            batch["response_mask"])
     else:  # grpo, rloo: every token of a response gets the response's advantage; no state is valued
         advantages = group_advantages([e.reward for e in episodes], [e.problem_index for e in episodes], args.critic)
         for e, advantage in zip(episodes, advantages):
@@ -601,22 +539,9 @@ def assign_credit(episodes: list[Episode], batch: dict, fixed: dict, policy, tok
 # ============================================================================================
 # 4. The PPO loss (paper section 3 and appendix: the same loss for every critic)
 # ============================================================================================
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists -> input_ids and attention_mask [rows, longest], padded on the LEFT (as `generate` wants)."""
-    width = max(map(len, sequences))
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)  # [rows, width]
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)  # [rows, width]
-    for row, seq in enumerate(sequences):
-        if seq:
-            input_ids[row, width - len(seq):] = torch.tensor(seq)
-            attention_mask[row, width - len(seq):] = 1
-    return input_ids, attention_mask
-
-
 def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> dict:
-    """Left-pad prompt+response sequences, so every response ends at the last column: per-token
-    quantities of the responses are then [B, T] tensors, right-aligned, T = the longest response.
-    Position ids count real tokens only, exactly as `generate` counted them."""
+    """Left-pad prompt+response sequences so every response ends at the last column: per-token quantities
+    are then [B, T], right-aligned. Position ids count real tokens only, as `generate` counted them."""
     input_ids, attention_mask = left_pad([p + r for p, r in zip(prompts, responses)], pad_id)  # [B, L]
     response_mask = right_aligned([[1.0] * len(r) for r in responses], max(map(len, responses)))  # [B, T]
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]
@@ -630,16 +555,6 @@ def right_aligned(rows: list[list[float]], width: int) -> torch.Tensor:
     for b, row in enumerate(rows):
         if row:
             out[b, width - len(row):] = torch.tensor(row, dtype=torch.float)
-    return out
-
-
-def slice_batch(batch: dict, rows: torch.Tensor, device) -> dict:
-    """The given rows of a collated batch, with the all-padding left columns cut off."""
-    mask = batch["response_mask"][rows]
-    seq_width = int(batch["attention_mask"][rows].sum(-1).max())
-    resp_width = int(mask.sum(-1).max())
-    out = {key: batch[key][rows][:, -seq_width:].to(device) for key in ("input_ids", "attention_mask", "position_ids")}
-    out["response_mask"] = mask[:, -resp_width:].to(device)
     return out
 
 
@@ -705,8 +620,10 @@ def value_loss(values: torch.Tensor, values_old: torch.Tensor, returns: torch.Te
 
 
 def explained_variance(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> float:
-    """1 - Var(target - predicted) / Var(target) over masked entries: 1 is perfect, 0 is a constant guess."""
-    return float(1 - masked_mean_var(target - predicted, mask)[1] / masked_mean_var(target, mask)[1].clamp(min=1e-8))
+    """1 - Var(target - predicted) / Var(target) over masked entries: 1 is perfect, 0 is a constant guess
+    (and 0 when the targets do not vary: there is nothing to explain)."""
+    variance = masked_mean_var(target, mask)[1]
+    return float(1 - masked_mean_var(target - predicted, mask)[1] / variance) if variance > 1e-8 else 0.0
 
 
 # ============================================================================================
@@ -734,10 +651,9 @@ def precompute(policy, reference, value_model, batch: dict, args: Args, device) 
 
 def minibatch_backward(policy, value_model, batch: dict, fixed: dict, advantages: torch.Tensor,
                        returns: torch.Tensor | None, minibatch: torch.Tensor, args: Args, device) -> dict:
-    """Forward and backward of one minibatch of responses, micro-batch by micro-batch (memory only).
-    Token advantages are whitened over the minibatch; the clipped surrogate is averaged over its tokens;
-    the k3 KL to the reference is summed per response and averaged over responses (paper appendix).
-    Returns the sums of the loss terms and statistics over the minibatch."""
+    """Forward and backward of one minibatch, micro-batch by micro-batch (memory only): advantages whitened
+    over the minibatch, the clipped surrogate averaged over its tokens, the k3 KL to the reference summed
+    per response and averaged over responses (paper appendix). Returns sums of losses and statistics."""
     whitened = whiten(advantages[minibatch], batch["response_mask"][minibatch])  # [mb, T]
     n_tokens = batch["response_mask"][minibatch].sum().item()
     sums = defaultdict(float, tokens=n_tokens)
@@ -844,29 +760,14 @@ def main(argv: list[str] | None = None) -> dict:
 # Command line
 # ============================================================================================
 # The embedded demo (`--model tiny`, the default) trains a 0.8M-parameter model from scratch on a CPU in
-# minutes. These are the ONLY places where the demo departs from the paper's defaults (a flag given on the
-# command line still wins):
-# - lr 3e-5, not 1e-6: a tiny model needs a larger step (1e-4 and above made it drift, see README);
-# - 32 prompts x 8 samples with a 128-response minibatch: fewer, less noisy steps than 64-response ones;
-# - K = 4 Monte Carlo rollouts instead of 9 (the paper's K ablation: K = 3 is already close to K = 9);
-# - 64 new tokens (the task's solutions are under 40), 400 SFT steps at lr 3e-3 from random weights,
-#   and evaluation on 256 held-out problems x 4 samples.
-TINY_DEMO_OVERRIDES = dict(
-    iterations=14,
-    prompts_per_iteration=32,
-    samples_per_prompt=8,
-    minibatch_size=128,
-    micro_batch_size=64,
-    lr=5e-5,
-    mc_rollouts=4,
-    max_new_tokens=64,
-    sft_epochs=10.4,  # 650 steps of 64 on 4,000 problems
-    sft_lr=3e-3,
-    sft_batch_size=64,
-    eval_every=7,
-    eval_problems=256,
-    eval_samples=4,
-)
+# minutes. These are the ONLY places where it departs from the paper's defaults (a flag typed still wins):
+# 14 iterations; lr 5e-5, not 1e-6 (a tiny model needs a larger step); 32 prompts x 8 samples in minibatches
+# of 128 (fewer, less noisy steps); K = 4 Monte Carlo rollouts, not 9 (the paper's K ablation: K = 3 is
+# already close to 9); 64 new tokens (solutions are under 40); SFT from random weights for 650 steps of 64
+# at lr 3e-3; evaluation on 256 held-out problems x 4 samples.
+TINY_DEMO_OVERRIDES = dict(iterations=14, prompts_per_iteration=32, samples_per_prompt=8, minibatch_size=128,
+                           micro_batch_size=64, lr=5e-5, mc_rollouts=4, max_new_tokens=64, sft_lr=3e-3,
+                           sft_epochs=10.4, sft_batch_size=64, eval_every=7, eval_problems=256, eval_samples=4)
 
 
 def _field_docs(cls) -> dict[str, str]:
@@ -949,12 +850,10 @@ def resumed_args(args: Args, given: dict) -> Args:
 def check_args(args: Args) -> None:
     """Refuse impossible settings with one line that says what to do."""
     problems = []
-    if args.critic not in ("mc", "value", "grpo", "rloo"):
-        problems.append(f"--critic must be 'mc' or 'value' (or the baselines 'grpo', 'rloo'), got {args.critic!r}")
-    if args.step_split not in ("line", "tokens"):
-        problems.append(f"--step-split must be 'line' or 'tokens', got {args.step_split!r}")
-    if args.task not in ("arith", "gsm8k", "math"):
-        problems.append(f"unknown --task {args.task!r}: use arith (built-in), gsm8k or math")
+    for name, allowed in [("critic", ("mc", "value", "grpo", "rloo")), ("step_split", ("line", "tokens")),
+                          ("task", ("arith", "gsm8k", "math")), ("device", ("auto", "cpu", "cuda", "mps"))]:
+        if getattr(args, name) not in allowed:
+            problems.append(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}; got {getattr(args, name)!r}")
     if args.model.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(args.model)):
         problems.append(f"--model {args.model}: no such directory (give a local checkpoint directory or a hub id)")
     if args.task == "arith" and args.dataset_path:
@@ -980,8 +879,6 @@ def check_args(args: Args) -> None:
     if args.minibatch_size > args.prompts_per_iteration * args.samples_per_prompt:
         problems.append(f"--minibatch-size {args.minibatch_size} is larger than the batch of "
                         f"{args.prompts_per_iteration * args.samples_per_prompt} responses per iteration")
-    if args.device not in ("auto", "cpu", "cuda", "mps"):
-        problems.append(f"--device must be auto, cpu, cuda or mps, got {args.device!r}")
     if problems:
         sys.exit("error: " + "; ".join(problems))
 
@@ -1384,6 +1281,65 @@ def split_math_steps(text: str, min_chars: int = 20, max_chars: int = 100) -> li
 
 
 # ============================================================================================
+# Batching for generate and the update: padding, slicing, a generation config that cannot leak, shared prefill
+# ============================================================================================
+@contextmanager
+def library_generation_defaults(model):
+    """The library's defaults as the model's own generation config for the duration, restored after: `generate`
+    fills every field a GenerationConfig leaves unset from the model's (a checkpoint's saved repetition_penalty,
+    no_repeat_ngram_size, ...), which would change the distribution the samples come from."""
+    saved, model.generation_config = model.generation_config, GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
+def shared_prefix_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """The KV cache of each row's prompt but its last token, computed ONCE per distinct prompt and copied to
+    the rows that repeat it (the K rollouts of one MC state, the samples of one problem): given it, `generate`
+    runs only the last prompt token and the new ones, so K copies pay one prefill instead of K. Rows never
+    mix and the random stream is untouched, so the samples are the ones `generate` draws without it, up to
+    float rounding (the last prompt token runs as a one-token step: its logits move by ~1e-7, a test checks).
+    None when no row repeats another: nothing to save.
+
+    input_ids, attention_mask: [rows, width], left-padded, on the model's device.
+    """
+    width = input_ids.shape[1]
+    distinct, row_of = torch.unique(torch.cat([input_ids, attention_mask], dim=1), dim=0, return_inverse=True)
+    if len(distinct) == len(input_ids) or width < 2:
+        return None
+    ids, mask = distinct.split(width, dim=1)  # [distinct, width] each
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # numbered as `generate` numbers padded rows
+    cache = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+                  use_cache=True, logits_to_keep=1).past_key_values  # [distinct, heads, width - 1, head_dim] per layer
+    cache.batch_select_indices(row_of)  # [rows, ...]: every row gets the keys and values of its own prompt
+    return cache
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> input_ids and attention_mask [rows, longest], padded on the LEFT (as `generate` wants)."""
+    width = max(map(len, sequences))
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)  # [rows, width]
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)  # [rows, width]
+    for row, seq in enumerate(sequences):
+        if seq:
+            input_ids[row, width - len(seq):] = torch.tensor(seq)
+            attention_mask[row, width - len(seq):] = 1
+    return input_ids, attention_mask
+
+
+def slice_batch(batch: dict, rows: torch.Tensor, device) -> dict:
+    """The given rows of a collated batch, with the all-padding left columns cut off."""
+    mask = batch["response_mask"][rows]
+    seq_width = int(batch["attention_mask"][rows].sum(-1).max())
+    resp_width = int(mask.sum(-1).max())
+    out = {key: batch[key][rows][:, -seq_width:].to(device) for key in ("input_ids", "attention_mask", "position_ids")}
+    out["response_mask"] = mask[:, -resp_width:].to(device)
+    return out
+
+
+# ============================================================================================
 # Models and tokenizers
 # ============================================================================================
 def build_tiny_tokenizer():
@@ -1712,7 +1668,7 @@ def end_iteration(run: Run, record: dict, episodes: list[Episode], stats: dict, 
     if stop.received or (args.save_every and iteration % args.save_every == 0) or iteration == args.iterations:
         run.iteration = iteration
         save_checkpoint(args, run)
-    extra = (f"mc_std {record['mc/value_std']:.2f}" if args.critic == "mc"
+    extra = (f"mc_std {record['mc/value_std']:.2f} ev {record['mc/explained_variance']:.2f}" if args.critic == "mc"
              else f"v_loss {record['losses/value_loss']:.3f} ev {record['value/explained_variance']:.2f}"
              if args.critic == "value" else f"|A| {record['group/advantage_abs']:.2f}")
     evaluated = f" | pass@1 {record['eval/pass@1']:.3f}" if "eval/pass@1" in record else ""

@@ -975,3 +975,29 @@ def test_sft_loss_is_the_token_mean_per_sequence_then_the_batch_mean():
     assert loss == pytest.approx(sum(per_sequence) / 2, rel=1e-5)
     token_mean = (per_sequence[0] * 4 + per_sequence[1] * 18) / 22  # what a token mean over the batch would give
     assert abs(loss - token_mean) > 1e-3
+
+
+def test_explained_variance_hand_made():
+    mask = torch.ones(1, 4)
+    target = torch.tensor([[1.0, 0.0, 1.0, 0.0]])
+    assert vineppo.explained_variance(target, target, mask) == pytest.approx(1.0)
+    assert vineppo.explained_variance(torch.full((1, 4), 0.5), target, mask) == pytest.approx(0.0)
+    assert vineppo.explained_variance(torch.rand(1, 4), torch.zeros(1, 4), mask) == 0.0  # nothing to explain
+
+
+def test_mc_explained_variance_compares_each_tokens_step_value_with_the_return(monkeypatch):
+    """Response A (R = 1): steps at tokens 0 and 2, only s_0 valued (0.5; the capped s_1 gets V = R = 1);
+    response B (R = 0): one step, V(s_0) = 0.5. Token values [.5 .5 1 1 | .5 .5] against returns
+    [1 1 1 1 | 0 0]: Var(R - V) = 1/6, Var(R) = 2/9, so the explained variance is 1 - 9/12 = 0.25."""
+    a = vineppo.Episode(0, [1], [5, 6, 7, 8], "", 1.0, False, step_starts=[0, 2])
+    b = vineppo.Episode(1, [1], [5, 6], "", 0.0, False, step_starts=[0])
+
+    def fake_mc(model, tokenizer, episodes, problems, args):
+        a.step_values, b.step_values = [0.5], [0.5]
+        for e in episodes:
+            e.token_advantages = [0.0] * len(e.response_ids)
+        return {}
+    monkeypatch.setattr(vineppo, "assign_mc_advantages", fake_mc)
+    batch = vineppo.collate([a.prompt_ids, b.prompt_ids], [a.response_ids, b.response_ids], pad_id=0)
+    _, _, stats = vineppo.assign_credit([a, b], batch, {}, None, None, [], vineppo.Args(critic="mc"))
+    assert stats["mc/explained_variance"] == pytest.approx(0.25)

@@ -218,7 +218,7 @@ def bad_inputs(tmp: Path) -> dict:
     return {
         "unknown model": (["--model", "no-such-org/no-such-model", "--task", "arith"], "could not load --model"),
         "missing model directory": (["--model", "./no_such_checkpoint"], "no such directory"),
-        "unknown task": (["--task", "chess"], "unknown --task 'chess'"),
+        "unknown task": (["--task", "chess"], "--task must be one of arith, gsm8k, math; got 'chess'"),
         "K < 1": (["--mc-rollouts", "0"], "--mc-rollouts must be at least 1"),
         "negative lr": (["--lr", "-0.001"], "--lr must be positive"),
         "zero samples": (["--samples-per-prompt", "0"], "--samples-per-prompt must be at least 1"),

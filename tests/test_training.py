@@ -110,10 +110,10 @@ def test_command_line_smoke(tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--mc-rollouts", "0"], "--mc-rollouts must be at least 1"),
-    (["--critic", "critic"], "--critic must be 'mc' or 'value'"),
+    (["--critic", "critic"], "--critic must be one of mc, value, grpo, rloo"),
     (["--lr", "-1"], "--lr must be positive"),
     (["--minibatch-size", "1000"], "larger than the batch"),
-    (["--task", "chess"], "unknown --task"),
+    (["--task", "chess"], "--task must be one of arith"),
 ])
 def test_bad_arguments_get_one_line_errors(flags, message, tmp_path):
     proc = run_cli(*flags, cwd=tmp_path)
