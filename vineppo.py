@@ -985,13 +985,13 @@ HUB_DATASETS = {  # task -> (train sources, test sources), each a `datasets.load
 def to_problem(task: str, row: dict) -> dict:
     """One dataset row in the hub's fields -> {problem, solution, answer}. GSM8K rows: question, answer
     (worked solution ending '#### N'); the <<48/2=24>> calculator annotations are removed from the SFT
-    target (paper). MATH rows: problem, solution, optional answer (else the solution's last \\boxed{})."""
+    target (paper). MATH rows: problem, solution, optional answer (else the solution's final \\boxed{})."""
     text = {key: "" if value is None else str(value) for key, value in row.items()}  # a null field is empty
     if task == "gsm8k":
         solution = re.sub(r"<<[^<>]*>>", "", text["answer"])
         return {"problem": text["question"].strip(), "solution": solution, "answer": extract_gsm8k_answer(solution)}
-    return {"problem": text["problem"], "solution": text["solution"],
-            "answer": text.get("answer") or last_boxed(text["solution"])}
+    boxed = last_boxed(text["solution"]) and math_final_answer(text["solution"])  # boxes joined, as the official code
+    return {"problem": text["problem"], "solution": text["solution"], "answer": text.get("answer") or boxed}
 
 
 def load_problems(task: str, sources: list[dict]) -> list[dict]:

@@ -31,6 +31,9 @@ def test_gsm8k_rows_lose_calculator_annotations():
     math_row = {"problem": "P", "solution": r"So $\boxed{\frac{1}{2}}$."}
     assert vineppo.to_problem("math", math_row)["answer"] == r"\frac{1}{2}"
     assert vineppo.to_problem("math", {**math_row, "answer": "0.5"})["answer"] == "0.5"
+    two_boxes = {"problem": "P", "solution": r"So $x = \boxed{2}$ and $y = \boxed{3}$."}
+    assert vineppo.to_problem("math", two_boxes)["answer"] == "2, 3"  # joined, as the official extraction
+    assert not vineppo.to_problem("math", {"problem": "P", "solution": "no box, 5"})["answer"]  # skipped later
 
 
 # ============================================================================================
