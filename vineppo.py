@@ -169,9 +169,9 @@ class Args:
 def split_steps(text: str) -> list[str]:
     """Split a response into reasoning steps on its text; the steps re-join to the text exactly.
 
-    GSM8K rule (paper section 4, official code): one step per line, each later step with its own leading
-    newline; blank lines join the step after them (trailing ones the last step); the '#### answer' line and
-    anything after it join the last step. There is always at least one step.
+    GSM8K rule (paper section 4, official code: tasks/gsm8k.py): one step per line, each later step with its
+    own leading newline; the '#### answer' line and anything after it join the last step. Unlike the official
+    code, a blank line is no step of its own: it joins the step after it (trailing ones the last step).
 
     >>> split_steps("\\n7+5=12\\n12*3=36\\n#### 36\\n")
     ['\\n7+5=12', '\\n12*3=36\\n#### 36\\n']
@@ -400,7 +400,7 @@ def token_advantages(step_advs: list[float], step_starts: list[int], n_tokens: i
 
 
 def assign_mc_advantages(model, tokenizer, episodes: list[Episode], problems: list[dict], args: Args) -> dict:
-    """VinePPO's credit: V(s_i) by Monte Carlo from every step boundary of every response (all rolled out
+    """VinePPO's credit: V(s_i) by Monte Carlo from the step boundaries of every response (up to `state_cap`;
     together, from pi_old, before any update), then step advantages, then one advantage per token."""
     states_of = [episode_states(e, state_cap(args)) for e in episodes]
     origin = {s: (problems[e.problem_index]["answer"], len(e.prompt_ids)) for e, states in zip(episodes, states_of)
@@ -521,13 +521,14 @@ def assign_credit(episodes: list[Episode], batch: dict, fixed: dict, policy, tok
         store_critic_credit(episodes, advantages, fixed["values_old"])
         return advantages, returns, {"tokens/mc": 0, "value/explained_variance":
                                      explained_variance(fixed["values_old"], returns, batch["response_mask"])}
-    if args.critic == "mc":  # credit quality, comparable with the critic's: V(s) of each token's step vs R
+    if args.critic == "mc":
         stats = assign_mc_advantages(policy, tokenizer, episodes, problems, args)
-        values = [e.step_values + [e.reward] * (len(e.step_starts) - len(e.step_values)) for e in episodes]
-        stats["mc/explained_variance"] = explained_variance(
-            right_aligned([token_advantages(v, e.step_starts, len(e.response_ids)) for v, e in zip(values, episodes)],
-                          width), right_aligned([[e.reward] * len(e.response_ids) for e in episodes], width),
-            batch["response_mask"])
+        # credit quality, as the critic's: V(s) of each token's step against R, on tokens whose state was valued
+        values = right_aligned([token_advantages(e.step_values + [math.nan] * (len(e.step_starts) - len(e.step_values)),
+                                                 e.step_starts, len(e.response_ids)) for e in episodes], width)
+        returns = right_aligned([[e.reward] * len(e.response_ids) for e in episodes], width)
+        stats["mc/explained_variance"] = explained_variance(values.nan_to_num(), returns,
+                                                            batch["response_mask"] * ~values.isnan())
     else:  # grpo, rloo: every token of a response gets the response's advantage; no state is valued
         advantages = group_advantages([e.reward for e in episodes], [e.problem_index for e in episodes], args.critic)
         for e, advantage in zip(episodes, advantages):
@@ -693,7 +694,7 @@ def ppo_update(policy, value_model, optimizers, schedulers, batch: dict, fixed: 
         minibatches = torch.randperm(len(batch["input_ids"])).split(args.minibatch_size)
         for minibatch in tqdm(minibatches, desc=f"PPO update, epoch {epoch + 1}", leave=False):
             sums = minibatch_backward(policy, value_model, batch, fixed, advantages, returns, minibatch, args, device)
-            skip = sums.pop("ratio") / sums["tokens"] > 10.0  # mean ratio over 10: skipped (official code)
+            skip = sums.pop("ratio") / sums["tokens"] > 10.0  # official: loss x 0, here no step (README)
             grad_norms = [torch.nn.utils.clip_grad_norm_([p for g in o.param_groups for p in g["params"]],
                                                          args.max_grad_norm) for o in optimizers]
             finite = all(map(math.isfinite, sums.values())) and all(map(math.isfinite, grad_norms))
@@ -1625,7 +1626,7 @@ def start_run(args: Args) -> Run:
               f"samples, T={args.eval_temperature}, {record['time/eval_s']:.0f}s)")
         run.sampler, run.history = random.Random(args.seed + 1), [record]
         rewrite_metrics(args, run.history)
-        save_checkpoint(args, run)
+        save_checkpoint(args, run, 0)
     else:
         restore_checkpoint(checkpoint, run)
         rewrite_metrics(args, run.history)  # drop records written after the checkpoint
@@ -1666,8 +1667,8 @@ def end_iteration(run: Run, record: dict, episodes: list[Episode], stats: dict, 
     log_metrics(args, record)
     run.history.append(record)
     if stop.received or (args.save_every and iteration % args.save_every == 0) or iteration == args.iterations:
-        run.iteration = iteration
-        save_checkpoint(args, run)
+        save_checkpoint(args, run, iteration)
+        run.iteration = iteration  # the last good checkpoint
     extra = (f"mc_std {record['mc/value_std']:.2f} ev {record['mc/explained_variance']:.2f}" if args.critic == "mc"
              else f"v_loss {record['losses/value_loss']:.3f} ev {record['value/explained_variance']:.2f}"
              if args.critic == "value" else f"|A| {record['group/advantage_abs']:.2f}")
@@ -1745,12 +1746,12 @@ def all_finite(*models) -> bool:
     return all(bool(torch.isfinite(p).all()) for model in models if model is not None for p in model.parameters())
 
 
-def save_checkpoint(args: Args, run: Run) -> str:
+def save_checkpoint(args: Args, run: Run, iteration: int) -> str:
     """Everything needed to continue the run exactly (nanoGPT's resume): weights, optimizer and schedule
     states, every random state, the settings and the metrics so far. Written atomically; never with NaNs."""
     if not all_finite(run.policy, run.value_model):
         raise FloatingPointError("non-finite weights: refusing to overwrite the last good checkpoint")
-    state = {"iteration": run.iteration, "args": asdict(args), "policy": run.policy.state_dict(),
+    state = {"iteration": iteration, "args": asdict(args), "policy": run.policy.state_dict(),
              "reference": run.reference.state_dict(), "value": run.value_model.state_dict() if run.value_model else None,
              "optimizers": [o.state_dict() for o in run.optimizers], "schedulers": [s.state_dict() for s in run.schedulers],
              "rng": rng_states(), "sampler": run.sampler.getstate(), "history": run.history,

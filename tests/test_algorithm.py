@@ -1,7 +1,7 @@
 """Tests of the algorithmic pieces of vineppo.py, each on small hand-made inputs.
 
-Every expected number is either worked out by hand in the test (from the rule in PAPER.md / the
-docstring) or computed by an independent reference written here (plain floats, exact binomial sums,
+Every expected number is either worked out by hand in the test (from the rule in the paper, arXiv 2410.01679, /
+the docstring) or computed by an independent reference written here (plain floats, exact binomial sums,
 byte offsets); nothing is copied from the function's own output.
 
     cd <repo> && python -m pytest tests/test_algorithm.py -q
@@ -986,18 +986,21 @@ def test_explained_variance_hand_made():
 
 
 def test_mc_explained_variance_compares_each_tokens_step_value_with_the_return(monkeypatch):
-    """Response A (R = 1): steps at tokens 0 and 2, only s_0 valued (0.5; the capped s_1 gets V = R = 1);
-    response B (R = 0): one step, V(s_0) = 0.5. Token values [.5 .5 1 1 | .5 .5] against returns
-    [1 1 1 1 | 0 0]: Var(R - V) = 1/6, Var(R) = 2/9, so the explained variance is 1 - 9/12 = 0.25."""
+    """A (R = 1): steps at tokens 0 and 2, V = 0.5 and 1.0; B (R = 0): one step, V = 0.5; C (R = 1): steps at
+    tokens 0 and 1, only s_0 valued (0.5: the state cap), so its second token is left out (V = R there would
+    count as explained). Valued tokens: V [.5 .5 1 1 | .5 .5 | .5], R [1 1 1 1 | 0 0 | 1]: Var(R - V) = 8.5/49,
+    Var(R) = 10/49, explained variance 1 - 0.85 = 0.15 (0.1875 if C's capped token counted)."""
     a = vineppo.Episode(0, [1], [5, 6, 7, 8], "", 1.0, False, step_starts=[0, 2])
     b = vineppo.Episode(1, [1], [5, 6], "", 0.0, False, step_starts=[0])
+    c = vineppo.Episode(2, [1], [5, 6], "", 1.0, False, step_starts=[0, 1])
 
     def fake_mc(model, tokenizer, episodes, problems, args):
-        a.step_values, b.step_values = [0.5], [0.5]
+        a.step_values, b.step_values, c.step_values = [0.5, 1.0], [0.5], [0.5]
         for e in episodes:
             e.token_advantages = [0.0] * len(e.response_ids)
         return {}
     monkeypatch.setattr(vineppo, "assign_mc_advantages", fake_mc)
-    batch = vineppo.collate([a.prompt_ids, b.prompt_ids], [a.response_ids, b.response_ids], pad_id=0)
-    _, _, stats = vineppo.assign_credit([a, b], batch, {}, None, None, [], vineppo.Args(critic="mc"))
-    assert stats["mc/explained_variance"] == pytest.approx(0.25)
+    episodes = [a, b, c]
+    batch = vineppo.collate([e.prompt_ids for e in episodes], [e.response_ids for e in episodes], pad_id=0)
+    _, _, stats = vineppo.assign_credit(episodes, batch, {}, None, None, [], vineppo.Args(critic="mc"))
+    assert stats["mc/explained_variance"] == pytest.approx(0.15)
