@@ -400,8 +400,8 @@ def token_advantages(step_advs: list[float], step_starts: list[int], n_tokens: i
 
 
 def assign_mc_advantages(model, tokenizer, episodes: list[Episode], problems: list[dict], args: Args) -> dict:
-    """VinePPO's credit: V(s_i) by Monte Carlo from the step boundaries of every response (up to `state_cap`;
-    together, from pi_old, before any update), then step advantages, then one advantage per token."""
+    """VinePPO's credit: V(s_i) by Monte Carlo from the step boundaries of every response (the first `state_cap`),
+    all rolled out together from pi_old before any update; then step advantages, then one advantage per token."""
     states_of = [episode_states(e, state_cap(args)) for e in episodes]
     origin = {s: (problems[e.problem_index]["answer"], len(e.prompt_ids)) for e, states in zip(episodes, states_of)
               for s in states}
