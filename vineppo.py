@@ -127,8 +127,12 @@ class Args:
     """PPO ratio clip epsilon (paper: 0.2)"""
     kl_coef: float = 1e-4
     """beta, weight of the k3 KL to the reference policy in the loss (paper: 1e-4)"""
+    value_lr: float = -1
+    """AdamW learning rate of the value network; -1 = the policy's --lr (paper)"""
     value_clip_range: float = 0.2
     """value-loss clip around the old values, value critic only (paper: 0.2)"""
+    critic_warmup: int = 0
+    """before RL, train the value network alone on this many iterations of the SFT policy's rollouts"""
     gamma: float = 1.0
     """discount of GAE, value critic only (paper: 1)"""
     gae_lambda: float = 1.0
@@ -159,8 +163,12 @@ class Args:
     """size of the built-in task's training set"""
     test_problems: int = 500
     """size of the built-in task's held-out test set"""
+    chain_length: str = "4-6"
+    """built-in task: operations per problem, 'MIN-MAX' or 'N'"""
+    slip_kinds: str = "mul,carry,borrow"
+    """built-in task: the SFT tutor's slips (any of mul: 7*2=9, carry: 18+5=13, borrow: 13-5=12; '' = none)"""
     slip_rate: float = 0.4
-    """built-in task: how often the tutor who wrote the SFT solutions adds where it should multiply"""
+    """built-in task: how often the tutor slips at a step that invites one of its slip kinds"""
 
 
 # ============================================================================================
@@ -767,7 +775,7 @@ def main(argv: list[str] | None = None) -> dict:
 # already close to 9); 64 new tokens (solutions are under 40); SFT from random weights for 650 steps of 64
 # at lr 3e-3; evaluation on 256 held-out problems x 4 samples.
 TINY_DEMO_OVERRIDES = dict(iterations=14, prompts_per_iteration=32, samples_per_prompt=8, minibatch_size=128,
-                           micro_batch_size=64, lr=5e-5, mc_rollouts=4, max_new_tokens=64, sft_lr=3e-3,
+                           micro_batch_size=64, lr=5e-5, mc_rollouts=4, max_new_tokens=80, sft_lr=3e-3,
                            sft_epochs=10.4, sft_batch_size=64, eval_every=7, eval_problems=256, eval_samples=4)
 
 
@@ -859,17 +867,27 @@ def check_args(args: Args) -> None:
         problems.append(f"--model {args.model}: no such directory (give a local checkpoint directory or a hub id)")
     if args.task == "arith" and args.dataset_path:
         problems.append("--dataset-path needs --task gsm8k or --task math (the arith task is generated)")
+    try:
+        parse_chain_length(args.chain_length)
+    except ValueError:
+        problems.append(f"--chain-length must be N or MIN-MAX with 1 <= MIN <= MAX, like 4-6; got {args.chain_length!r}")
+    if set(args.slip_kinds.split(",")) - {"", *SLIP_KINDS}:
+        problems.append(f"--slip-kinds takes a comma-separated subset of {','.join(SLIP_KINDS)}; got {args.slip_kinds!r}")
+    if not 0 <= args.slip_rate <= 1:
+        problems.append(f"--slip-rate must be in [0, 1], got {args.slip_rate}")
     if args.validation_size < -1:
         problems.append(f"--validation-size must be -1 (paper default) or at least 0, got {args.validation_size}")
-    if args.iterations < 0 or args.show_credit < 0 or args.max_states_per_response < -1:
-        problems.append("--iterations, --show-credit and --max-states-per-response (-1: the official's, 0: all) "
-                        "cannot be negative")
+    if min(args.iterations, args.show_credit, args.critic_warmup) < 0 or args.max_states_per_response < -1:
+        problems.append("--iterations, --show-credit, --critic-warmup and --max-states-per-response (-1: the "
+                        "official's, 0: all) cannot be negative")
     for name in ("mc_rollouts", "step_chunk_tokens", "prompts_per_iteration", "samples_per_prompt", "max_new_tokens",
                  "rollout_batch_size", "epochs", "minibatch_size", "micro_batch_size",
                  "sft_batch_size", "eval_every", "eval_samples", "train_problems", "test_problems",
                  "max_nonfinite_steps"):
         if getattr(args, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not (args.value_lr > 0 or args.value_lr == -1):
+        problems.append(f"--value-lr must be positive or -1 (the policy's --lr), got {args.value_lr}")
     for name in ("lr", "temperature", "eval_temperature"):
         if not getattr(args, name) > 0:
             problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -899,42 +917,74 @@ def make_sft_target(solution: str) -> str:
     return "\n" + solution + "\n"
 
 
-def solve_chain(start: int, ops: list[tuple[str, int]], slips: list[bool] | None = None) -> tuple[str, int]:
-    """Write the solution of a chain, one step per line, then '#### answer'. Where slips[i] is True the
-    writer ADDS although the problem says multiply, and carries the wrong value on.
+SLIP_KINDS = ("mul", "carry", "borrow")  # the built-in task's tutor's habits, see `slipped_result`
+
+
+def slip_kind(value: int, sign: str, operand: int) -> str | None:
+    """The kind of slip a step invites, or None: every multiplication ('mul'), an addition whose units
+    carry ('carry': 18+5), a subtraction whose units borrow ('borrow': 13-5)."""
+    if sign == "*":
+        return "mul"
+    if sign == "+" and value % 10 + operand >= 10:
+        return "carry"
+    if sign == "-" and value >= 10 and value % 10 < operand:
+        return "borrow"
+    return None
+
+
+def slipped_result(value: int, sign: str, operand: int) -> int:
+    """What the sloppy tutor writes at a step it gets wrong: adds where it should multiply (7*2=9), forgets
+    the carry (18+5=13), or takes the smaller units digit from the larger (13-5=12, the classic borrow bug).
+
+    >>> [slipped_result(7, "*", 2), slipped_result(18, "+", 5), slipped_result(13, "-", 5)]
+    [9, 13, 12]
+    """
+    if sign == "*":
+        return value + operand
+    if sign == "+":
+        return value + operand - 10
+    return value - value % 10 + abs(value % 10 - operand)
+
+
+def solve_chain(start: int, ops: list[tuple[str, int]], slips=None) -> tuple[str, int]:
+    """Write the solution of a chain, one step per line, then '#### answer'. `slips(kind)`, asked at each
+    step that invites a slip (`slip_kind`, on the value written so far), says whether the writer slips
+    there (`slipped_result`); the wrong value is carried on.
 
     >>> solve_chain(3, [("+", 4), ("*", 2)])
     ('3+4=7\\n7*2=14\\n#### 14', 14)
-    >>> solve_chain(3, [("+", 4), ("*", 2)], slips=[False, True])
+    >>> solve_chain(3, [("+", 4), ("*", 2)], slips=lambda kind: kind == "mul")
     ('3+4=7\\n7*2=9\\n#### 9', 9)
     """
     value, lines = start, []
-    for i, (sign, operand) in enumerate(ops):
-        if sign == "+" or (sign == "*" and slips and slips[i]):
-            result = value + operand
+    for sign, operand in ops:
+        kind = slip_kind(value, sign, operand)
+        if kind and slips and slips(kind):
+            result = slipped_result(value, sign, operand)
         else:
-            result = value - operand if sign == "-" else value * operand
+            result = value + operand if sign == "+" else value - operand if sign == "-" else value * operand
         lines.append(f"{value}{sign}{operand}={result}")
         value = result
     return "\n".join(lines) + f"\n#### {value}", value
 
 
-def make_arith_problem(rng: random.Random) -> dict:
-    """One problem of the built-in task: a chain of 3 to 5 operations on numbers from 1 to 20.
+def make_arith_problem(rng: random.Random, min_steps: int = 4, max_steps: int = 6) -> dict:
+    """One problem of the built-in task: a chain of min_steps to max_steps operations; every value stays
+    in 1..50, operands are single digits, and a product stays at most 50.
 
     >>> make_arith_problem(random.Random(0))["problem"]
-    'Start at 7: *2, -8, *2, -2.'
+    'Start at 13: -5, *4, +4, +5, +5.'
     """
-    start = value = rng.randint(1, 9)
+    start = value = rng.randint(1, 19)
     ops = []
-    for _ in range(rng.randint(3, 5)):
+    for _ in range(rng.randint(min_steps, max_steps)):
         options = []
-        if value <= 19:
-            options.append(("+", rng.randint(1, min(9, 20 - value))))
+        if value <= 49:
+            options.append(("+", rng.randint(1, min(9, 50 - value))))
         if value >= 2:
             options.append(("-", rng.randint(1, min(9, value - 1))))
-        if value <= 10:
-            options += [("*", rng.randint(2, min(9, 20 // value)))] * 2  # multiplication comes often
+        if value <= 25:
+            options.append(("*", rng.randint(2, min(9, 50 // value))))
         sign, operand = rng.choice(options)
         ops.append((sign, operand))
         value = value + operand if sign == "+" else value - operand if sign == "-" else value * operand
@@ -943,26 +993,44 @@ def make_arith_problem(rng: random.Random) -> dict:
     return {"problem": problem, "solution": solution, "answer": str(answer), "ops": ops, "start": start}
 
 
-def make_arith_task(seed: int, n_train: int, n_test: int, slip_rate: float) -> tuple[list[dict], list[dict]]:
+def parse_chain_length(text: str) -> tuple[int, int]:
+    """'4-6' -> (4, 6); '5' -> (5, 5). ValueError on anything else."""
+    low, _, high = text.partition("-")
+    low, high = int(low), int(high or low)
+    if not 1 <= low <= high:
+        raise ValueError(text)
+    return low, high
+
+
+def tutor_slips(tutor: random.Random, kinds: set[str], rate: float, kind: str) -> bool:
+    """Whether the sloppy tutor slips at a step of this kind (only the kinds it is prone to)."""
+    return kind in kinds and tutor.random() < rate
+
+
+def make_arith_task(seed: int, n_train: int, n_test: int, slip_rate: float, chain_length: str = "4-6",
+                    slip_kinds: str = "mul,carry,borrow") -> tuple[list[dict], list[dict]]:
     """Deterministic train and test sets that never share a problem (a hash of the text picks the side).
 
-    The training solutions were written by a sloppy tutor: at each multiplication, with probability
-    `slip_rate`, the tutor adds instead (7*2=9) and carries the error to a wrong final answer. SFT copies
-    that habit; the reward (the TRUE answer, always) punishes it; and the blame belongs to exactly one
-    step of an otherwise right chain: the step credit assignment has to find. Test solutions are right.
+    The training solutions were written by a sloppy tutor: at each step that invites one of `slip_kinds`
+    (`slip_kind`), with probability `slip_rate`, the tutor slips (`slipped_result`) and carries the error
+    to a wrong final answer. SFT copies those habits; the reward (the TRUE answer, always) punishes them;
+    and the blame belongs to one step of an otherwise right chain: the step credit assignment has to
+    find. Test solutions are right.
     """
     rng, tutor = random.Random(seed), random.Random(seed + 1)
+    low, high = parse_chain_length(chain_length)
+    kinds = set(slip_kinds.split(",")) - {""}
     train, test, seen = [], [], set()
     for _ in range(100 * (n_train + n_test)):
         if len(train) >= n_train and len(test) >= n_test:
             break
-        item = make_arith_problem(rng)
+        item = make_arith_problem(rng, low, high)
         if item["problem"] in seen:
             continue
         seen.add(item["problem"])
         side = test if zlib.crc32(item["problem"].encode()) % 8 == 0 else train
         if side is train and len(train) < n_train:
-            slips = [sign == "*" and tutor.random() < slip_rate for sign, _ in item["ops"]]
+            slips = functools.partial(tutor_slips, tutor, kinds, slip_rate)
             train.append({**item, "solution": solve_chain(item["start"], item["ops"], slips)[0]})
         elif side is test and len(test) < n_test:
             test.append(item)
@@ -1035,7 +1103,8 @@ def load_task(args: Args) -> tuple[list[dict], list[dict], list[dict]]:
     """(train, validation, test). Validation is held out of train (never trained on) by a fixed shuffle
     that does not depend on --seed; without a local test file it doubles as the test set."""
     if args.task == "arith":
-        train, test = make_arith_task(args.seed, args.train_problems, args.test_problems, args.slip_rate)
+        train, test = make_arith_task(args.seed, args.train_problems, args.test_problems, args.slip_rate,
+                                      args.chain_length, args.slip_kinds)
         return train, [], test
     if args.dataset_path:
         train_file, _, test_file = args.dataset_path.partition(",")
@@ -1538,14 +1607,55 @@ def warmup_linear_schedule(optimizer, total_steps: int, warmup_ratio: float):
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / max(1, total_steps - warmup))))
 
 
+def value_lr(args: Args) -> float:
+    return args.lr if args.value_lr == -1 else args.value_lr
+
+
 def make_optimizers(policy, value_model, args: Args) -> tuple[list, list]:
     """AdamW for the policy (and the critic), each with the warmup-then-linear-decay schedule over the
     whole run's optimizer steps (paper appendix)."""
     steps_per_iteration = math.ceil(args.prompts_per_iteration * args.samples_per_prompt / args.minibatch_size)
     total_steps = args.iterations * args.epochs * steps_per_iteration
-    optimizers = [torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-                  for model in (policy, value_model) if model is not None]
+    optimizers = [torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+                  for model, lr in [(policy, args.lr), (value_model, value_lr(args))] if model is not None]
     return optimizers, [warmup_linear_schedule(o, total_steps, args.warmup_ratio) for o in optimizers]
+
+
+def warm_up_critic(run: Run, args: Args) -> dict:
+    """Before RL, train the value network alone (the policy does not move) on `critic_warmup` iterations
+    of the SFT policy's rollouts, with the PPO update's value loss, minibatches and epochs: a careful
+    practitioner's start, so that the first advantages do not come from an untrained head. Each batch is
+    scored before the critic trains on it, so its explained variance is measured on unseen rollouts."""
+    optimizer = torch.optim.AdamW(run.value_model.parameters(), lr=value_lr(args), weight_decay=0.0)
+    picker, record, start = random.Random(args.seed + 2), {"tokens/critic_warmup": 0}, time.time()
+    for i in range(args.critic_warmup):
+        indices = picker.sample(range(len(run.train)), args.prompts_per_iteration)
+        episodes = sample_episodes(run.policy, run.tokenizer, run.train, indices, args)
+        batch = collate([e.prompt_ids for e in episodes], [e.response_ids for e in episodes], run.tokenizer.pad_token_id)
+        fixed = precompute(run.policy, run.reference, run.value_model, batch, args, run.device)
+        mask, width = batch["response_mask"], batch["response_mask"].shape[1]
+        rewards = right_aligned([[0.0] * (len(e.response_ids) - 1) + [e.reward] for e in episodes], width)
+        _, returns = gae_advantages(rewards, fixed["values_old"], mask, gamma=args.gamma, lam=args.gae_lambda)
+        record["critic_warmup/explained_variance"] = explained_variance(fixed["values_old"], returns, mask)
+        run.value_model.train(args.gradient_checkpointing)
+        for _ in range(args.epochs):
+            for minibatch in torch.randperm(len(episodes)).split(args.minibatch_size):
+                n_tokens = mask[minibatch].sum().item()
+                for rows in minibatch.split(args.micro_batch_size):
+                    mb = slice_batch(batch, rows, run.device)
+                    n = mb["response_mask"].shape[1]
+                    (value_loss(response_values(run.value_model, mb), fixed["values_old"][rows, -n:].to(run.device),
+                                returns[rows, -n:].to(run.device), mb["response_mask"], args.value_clip_range
+                                ).sum() / n_tokens).backward()
+                torch.nn.utils.clip_grad_norm_(run.value_model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        run.value_model.eval()
+        record["tokens/critic_warmup"] += sum(len(e.response_ids) for e in episodes)
+        print(f"critic warm-up {i + 1}/{args.critic_warmup}: explained variance of the returns, before training on "
+              f"them: {record['critic_warmup/explained_variance']:.3f}")
+    record["time/critic_warmup_s"] = time.time() - start
+    return record
 
 
 def evaluate(model, tokenizer, problems: list[dict], args: Args) -> float:
@@ -1621,6 +1731,8 @@ def start_run(args: Args) -> Run:
               train, validation, test, device)
     if checkpoint is None:
         record = {"iteration": 0}
+        if value_model is not None and args.critic_warmup:
+            record.update(warm_up_critic(run, args))
         evaluate_into(record, run, args)
         print(f"pass@1 before RL: {record['eval/pass@1']:.3f} ({len(test)} held-out problems x {args.eval_samples} "
               f"samples, T={args.eval_temperature}, {record['time/eval_s']:.0f}s)")
