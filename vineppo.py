@@ -447,7 +447,7 @@ class ValueNetwork(nn.Module):
 
     @classmethod
     def load(cls, path: str) -> "ValueNetwork":
-        """Reload what `save` wrote (e.g. <output-dir>/final/value)."""
+        """Reload a saved critic (<output-dir>/final/value: the backbone's files and value_head.pt)."""
         from transformers import AutoModel
         network = cls(AutoModel.from_pretrained(path))
         network.head.load_state_dict(torch.load(os.path.join(path, "value_head.pt"), weights_only=True))
@@ -457,10 +457,6 @@ class ValueNetwork(nn.Module):
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids).last_hidden_state  # [B, L, hidden]
         return self.head(hidden).squeeze(-1).float()  # [B, L]
-
-    def save(self, path: str) -> None:
-        self.backbone.save_pretrained(path)
-        torch.save(self.head.state_dict(), os.path.join(path, "value_head.pt"))
 
 
 def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float,
@@ -556,15 +552,6 @@ def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]
     return dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 response_mask=response_mask)
-
-
-def right_aligned(rows: list[list[float]], width: int) -> torch.Tensor:
-    """Lists of per-response-token numbers -> [B, width], right-aligned like collate's responses."""
-    out = torch.zeros((len(rows), width))
-    for b, row in enumerate(rows):
-        if row:
-            out[b, width - len(row):] = torch.tensor(row, dtype=torch.float)
-    return out
 
 
 def response_logprobs(model, mb: dict, temperature: float) -> torch.Tensor:
@@ -1399,6 +1386,15 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     return input_ids, attention_mask
 
 
+def right_aligned(rows: list[list[float]], width: int) -> torch.Tensor:
+    """Lists of per-response-token numbers -> [B, width], right-aligned like collate's responses."""
+    out = torch.zeros((len(rows), width))
+    for b, row in enumerate(rows):
+        if row:
+            out[b, width - len(row):] = torch.tensor(row, dtype=torch.float)
+    return out
+
+
 def slice_batch(batch: dict, rows: torch.Tensor, device) -> dict:
     """The given rows of a collated batch, with the all-padding left columns cut off."""
     mask = batch["response_mask"][rows]
@@ -1924,7 +1920,8 @@ def save_final(policy, tokenizer, value_model, args: Args) -> str:
     policy.save_pretrained(temporary)
     tokenizer.save_pretrained(temporary)
     if value_model is not None:
-        value_model.save(os.path.join(temporary, "value"))
+        value_model.backbone.save_pretrained(os.path.join(temporary, "value"))
+        torch.save(value_model.head.state_dict(), os.path.join(temporary, "value", "value_head.pt"))
     with open(os.path.join(temporary, "args.json"), "w") as f:
         json.dump(asdict(args), f, indent=2)
     shutil.rmtree(final, ignore_errors=True)

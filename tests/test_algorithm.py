@@ -906,56 +906,85 @@ LINE = re.compile(r"^(-?\d+)([+\-*])(\d+)=(-?\d+)$")
 
 def test_make_arith_task_deterministic_and_disjoint():
     """Same seed -> same sets; another seed -> different; train and test never share a problem."""
-    train, test = vineppo.make_arith_task(0, 4000, 500, 0.35)  # the default sizes: raw draws repeat at this scale
-    assert (train, test) == vineppo.make_arith_task(0, 4000, 500, 0.35)
-    assert vineppo.make_arith_task(1, 4000, 500, 0.35) != (train, test)
+    train, test = vineppo.make_arith_task(0, 4000, 500, 0.4)  # the default sizes: raw draws repeat at this scale
+    assert (train, test) == vineppo.make_arith_task(0, 4000, 500, 0.4)
+    assert vineppo.make_arith_task(1, 4000, 500, 0.4) != (train, test)
     assert len(train) == 4000 and len(test) == 500
     train_problems, test_problems = {p["problem"] for p in train}, {p["problem"] for p in test}
     assert len(train_problems) == 4000 and len(test_problems) == 500  # no duplicates either
     assert not train_problems & test_problems
-    # the slip rate changes only the written training solutions, never which problems are drawn
-    clean_train, clean_test = vineppo.make_arith_task(0, 4000, 500, 0.0)
-    assert [p["problem"] for p in clean_train] == [p["problem"] for p in train] and clean_test == test
+    # the slip rate and kinds change only the written training solutions, never which problems are drawn
+    for rate, kinds in [(0.0, "mul,carry,borrow"), (0.4, "carry")]:
+        other_train, other_test = vineppo.make_arith_task(0, 4000, 500, rate, slip_kinds=kinds)
+        assert [p["problem"] for p in other_train] == [p["problem"] for p in train] and other_test == test
 
 
-def check_chain(item, allow_slips: bool) -> int:
-    """Walk a solution line by line against its problem; return how many '*' lines are slips (a+b)."""
+def test_slips_by_hand():
+    """Each kind of slip the tutor makes, and which steps invite one (on the value written so far)."""
+    slip, kind = vineppo.slipped_result, vineppo.slip_kind
+    assert [slip(7, "*", 2), slip(8, "+", 5), slip(18, "+", 5), slip(13, "-", 5), slip(23, "-", 7), slip(40, "-", 1)] \
+        == [9, 3, 13, 12, 24, 41]
+    assert [kind(7, "*", 2), kind(18, "+", 2), kind(18, "+", 1), kind(10, "-", 1), kind(19, "-", 9), kind(9, "-", 5)] \
+        == ["mul", "carry", None, "borrow", None, None]
+    assert vineppo.solve_chain(18, [("+", 5), ("-", 5), ("*", 2)], lambda k: True) == ("18+5=13\n13-5=12\n12*2=14\n#### 14", 14)
+    assert vineppo.solve_chain(18, [("+", 5), ("-", 5), ("*", 2)], lambda k: k == "borrow")[1] == 44  # 23-5=22
+    assert vineppo.solve_chain(18, [("+", 5), ("-", 5), ("*", 2)], lambda k: k == "mul")[1] == 20
+
+
+def check_chain(item, allow_slips: bool, lengths=(4, 6)) -> list[tuple[str | None, bool]]:
+    """Walk a solution line by line against its problem; return (kind the step invites, slipped?) per step."""
     *lines, last = item["solution"].split("\n")
     start = int(re.match(r"Start at (\d+):", item["problem"]).group(1))
     ops = re.findall(r"([+\-*])(\d+)", item["problem"].split(":", 1)[1])
-    assert 3 <= len(lines) == len(ops) <= 5
-    value, slips = start, 0
+    assert lengths[0] <= len(lines) == len(ops) <= lengths[1]
+    value, steps = start, []
     for line, (sign, operand) in zip(lines, ops):
         a, op, b, c = LINE.match(line).groups()
         assert (int(a), op, b) == (value, sign, operand)  # each line continues from the line before
-        value = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
-        if op == "*" and int(c) == int(a) + int(b) != value:
+        right = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+        kind = vineppo.slip_kind(int(a), op, int(b))
+        slipped = int(c) != right
+        if slipped:
             assert allow_slips, f"a slip in a solution that must be right: {line}"
-            value, slips = int(c), slips + 1
-        assert int(c) == value
+            assert kind and int(c) == vineppo.slipped_result(int(a), op, int(b)), line  # only the tutor's slips
+        steps.append((kind, slipped))
+        value = int(c)
     assert last == f"#### {value}"
-    if slips == 0:
+    if not any(slipped for _, slipped in steps):
         assert str(value) == item["answer"]
     target = vineppo.make_sft_target(item["solution"])
     assert vineppo.grade_gsm8k(target, item["answer"]) == float(str(value) == item["answer"])
     assert len(vineppo.split_steps(target)) == len(lines)  # one step per operation, answer merged
-    return slips
+    return steps
 
 
 def test_make_arith_task_solutions_are_gsm8k_shaped_and_chained():
     """Every solution: lines 'a op b = c' chained from the problem, then '#### answer'. Test solutions
-    are all right; training solutions are right except the tutor's slips (a*b written as a+b), which
-    happen at about the asked rate among multiplications, and never with slip_rate 0."""
-    train, test = vineppo.make_arith_task(0, 4000, 500, 0.35)
-    assert all(check_chain(item, allow_slips=False) == 0 for item in test)
-    slips = sum(check_chain(item, allow_slips=True) for item in train)
-    multiplications = sum(sign == "*" for item in train for sign, _ in item["ops"])
-    assert 0.30 < slips / multiplications < 0.40
+    are all right; training solutions are right except the tutor's slips, which happen at about the
+    asked rate at each kind of step that invites one, and never with slip_rate 0."""
+    train, test = vineppo.make_arith_task(0, 4000, 500, 0.4)
+    assert all(not any(s for _, s in check_chain(item, allow_slips=False)) for item in test)
+    steps = [step for item in train for step in check_chain(item, allow_slips=True)]
+    for kind in vineppo.SLIP_KINDS:
+        invited = [slipped for k, slipped in steps if k == kind]
+        assert len(invited) > 2000 and 0.37 < sum(invited) / len(invited) < 0.43, kind
+    assert not any(slipped for k, slipped in steps if k is None)
     wrong = [item for item in train if vineppo.grade_gsm8k(item["solution"], item["answer"]) == 0]
-    assert 0.2 < len(wrong) / len(train) < 0.6  # most slips lead to a wrong final answer
+    assert 0.6 < len(wrong) / len(train) < 0.85  # most slips lead to a wrong final answer
     clean, _ = vineppo.make_arith_task(0, 4000, 500, 0.0)
-    assert all(check_chain(item, allow_slips=False) == 0 for item in clean)
-    assert all(1 <= int(n) <= 20 for item in test for n in re.findall(r"\d+", item["solution"]))
+    assert all(not any(s for _, s in check_chain(item, allow_slips=False)) for item in clean)
+    assert all(1 <= int(n) <= 50 for item in test for n in re.findall(r"\d+", item["solution"]))
+
+
+def test_arith_task_knobs_chain_length_and_slip_kinds():
+    """--chain-length sets the number of operations; --slip-kinds limits the tutor to those kinds."""
+    train, test = vineppo.make_arith_task(0, 300, 40, 0.5, chain_length="10-12", slip_kinds="carry")
+    steps = [step for item in train for step in check_chain(item, allow_slips=True, lengths=(10, 12))]
+    assert {k for k, slipped in steps if slipped} == {"carry"}
+    assert {len(item["ops"]) for item in train + test} == {10, 11, 12}
+    exact, _ = vineppo.make_arith_task(0, 50, 5, 0.4, chain_length="3", slip_kinds="")
+    assert all(len(item["ops"]) == 3 and item["solution"] == vineppo.solve_chain(item["start"], item["ops"])[0]
+               for item in exact)
 
 
 def test_sft_loss_is_the_token_mean_per_sequence_then_the_batch_mean():

@@ -135,3 +135,50 @@ def test_demo_overrides_apply_only_to_the_tiny_model():
     assert vineppo.parse_args([]).lr == vineppo.TINY_DEMO_OVERRIDES["lr"]
     assert vineppo.parse_args(["--lr", "3e-5"]).lr == 3e-5
     assert vineppo.parse_args(["--model", "some/hub-model"]).lr == vineppo.Args.lr == 1e-6
+
+
+def test_critic_warmup_fits_the_returns_and_leaves_the_policy_alone(monkeypatch):
+    """Hand-made rollouts: every response to problem 0 earns 1, every response to problem 1 earns 0. The
+    warm-up trains the critic alone on them: its values approach the returns (the explained variance of
+    the last batch, measured BEFORE training on it, is near 1); the policy does not move."""
+    tok = vineppo.build_tiny_tokenizer()
+    policy = vineppo.build_tiny_model(tok, seed=0).eval()
+    start = {name: p.clone() for name, p in policy.named_parameters()}
+    problems = [{"problem": "Start at 1: +1.", "answer": "2"}, {"problem": "Start at 9: *5.", "answer": "45"}]
+    prompts = [vineppo.encode_prompt(tok, p["problem"]) for p in problems]
+    response = tok("\n7*2=9\n#### 9", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+    def fake_sample(model, tokenizer, train, indices, args):
+        return [vineppo.Episode(i, prompts[i], response, "", float(i == 0), False) for i in indices for _ in range(4)]
+    monkeypatch.setattr(vineppo, "sample_episodes", fake_sample)
+    args = vineppo.Args(critic="value", critic_warmup=12, value_lr=1e-3, lr=1e-9, prompts_per_iteration=2,
+                        minibatch_size=4, micro_batch_size=4, iterations=1)
+    value_model = vineppo.ValueNetwork.from_policy(policy).eval()
+    run = vineppo.Run(tok, policy, policy, value_model, *vineppo.make_optimizers(policy, value_model, args),
+                      problems, [], [], torch.device("cpu"))
+    assert [o.param_groups[0]["initial_lr"] for o in run.optimizers] == [1e-9, 1e-3]  # --value-lr for the critic
+    record = vineppo.warm_up_critic(run, args)
+    assert all(torch.equal(p, start[name]) for name, p in policy.named_parameters())
+    assert record["tokens/critic_warmup"] == 12 * 8 * len(response)
+    batch = vineppo.collate([prompts[0], prompts[1]], [response, response], tok.pad_token_id)
+    with torch.no_grad():
+        values = vineppo.response_values(value_model, batch)
+    assert values[0].tolist() == pytest.approx([1.0] * len(response), abs=0.15)
+    assert values[1].tolist() == pytest.approx([0.0] * len(response), abs=0.15)
+    assert record["critic_warmup/explained_variance"] > 0.9
+    args.value_lr = -1  # the default: the policy's lr, as in the paper
+    assert vineppo.make_optimizers(policy, value_model, args)[0][1].param_groups[0]["initial_lr"] == 1e-9
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--chain-length", "6-4"], "--chain-length must be N or MIN-MAX"),
+    (["--chain-length", "four"], "--chain-length must be N or MIN-MAX"),
+    (["--slip-kinds", "mul,typo"], "--slip-kinds takes a comma-separated subset of mul,carry,borrow"),
+    (["--slip-rate", "1.5"], "--slip-rate must be in [0, 1]"),
+    (["--value-lr", "0"], "--value-lr must be positive or -1"),
+    (["--critic-warmup", "-2"], "--critic-warmup"),
+])
+def test_bad_task_and_critic_flags_are_refused_before_anything_runs(flags, message):
+    with pytest.raises(SystemExit) as refused:
+        vineppo.parse_args(flags)
+    assert message in str(refused.value.code)
