@@ -2034,7 +2034,8 @@ def read_metrics(run_dir: str) -> list[dict]:
 
 def plot_curves(run_dirs: list[str], path: str, labels: list[str] | None = None) -> str:
     """Eval pass@1 and train reward of each run against RL iteration, wall-clock seconds of RL (after SFT
-    and the first evaluation) and tokens generated (responses + Monte Carlo rollouts): the paper compares
+    and the first evaluation) and tokens generated (responses, Monte Carlo rollouts, the critic's warm-up
+    rollouts): the paper compares
     methods per unit of compute, not per iteration. Writes a PNG; matplotlib is imported only here."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no window
@@ -2045,7 +2046,7 @@ def plot_curves(run_dirs: list[str], path: str, labels: list[str] | None = None)
         records, tokens = read_metrics(run_dir), 0
         xs = {"iteration": [], "seconds": [], "tokens": []}
         for r in records:
-            tokens += r.get("tokens/rollout", 0) + r.get("tokens/mc", 0)
+            tokens += r.get("tokens/rollout", 0) + r.get("tokens/mc", 0) + r.get("tokens/critic_warmup", 0)
             xs["iteration"].append(r["iteration"])
             xs["seconds"].append(r.get("time/elapsed_s", 0.0))
             xs["tokens"].append(tokens)
@@ -2054,7 +2055,7 @@ def plot_curves(run_dirs: list[str], path: str, labels: list[str] | None = None)
                 points = [(x, r[key]) for x, r in zip(xs[x_name], records) if key in r]
                 if points:
                     axes[row][col].plot(*zip(*points), marker="o" if row == 0 else None, markersize=3, label=label)
-    for col, x_label in enumerate(["RL iteration", "wall-clock seconds of RL", "generated tokens (responses + MC)"]):
+    for col, x_label in enumerate(["RL iteration", "wall-clock seconds of RL", "generated tokens (all rollouts)"]):
         for row, y_label in enumerate(["eval pass@1", "train reward (mean)"]):
             axes[row][col].set_xlabel(x_label)
             axes[row][col].set_ylabel(y_label)
@@ -2066,14 +2067,54 @@ def plot_curves(run_dirs: list[str], path: str, labels: list[str] | None = None)
     return path
 
 
+def summarize_run(run_dir: str) -> dict:
+    """One finished run in numbers: pass@1 before and after RL, the credit quality (mean explained variance of
+    the returns by the values the advantages came from, over the RL iterations: `mc/explained_variance` or
+    `value/explained_variance`; none for GRPO/RLOO), seconds (critic warm-up + RL, without SFT) and tokens
+    generated (responses, MC rollouts and the critic's warm-up rollouts)."""
+    records = read_metrics(run_dir)
+    evaluated = [r["eval/pass@1"] for r in records if "eval/pass@1" in r]
+    credit = [r[key] for r in records[1:] for key in ("mc/explained_variance", "value/explained_variance") if key in r]
+    try:
+        with open(os.path.join(run_dir, "final", "args.json")) as f:
+            settings = json.load(f)
+    except OSError:
+        settings = {}
+    return {"run": run_dir, "critic": settings.get("critic", "?"), "seed": settings.get("seed", "?"),
+            "before": evaluated[0], "after": evaluated[-1], "gain": evaluated[-1] - evaluated[0],
+            "credit_ev": sum(credit) / len(credit) if credit else None,
+            "seconds": records[-1].get("time/elapsed_s", 0.0) + records[0].get("time/critic_warmup_s", 0.0),
+            "tokens": sum(r.get(k, 0) for r in records for k in ("tokens/rollout", "tokens/mc", "tokens/critic_warmup"))}
+
+
+def print_summary(rows: list[dict]) -> None:
+    """The table `--plot` prints: one row per run, then each critic's mean over its runs."""
+    print(f"{'run':<32} {'critic':>6} {'seed':>4} {'before':>6} {'after':>6} {'gain':>7} {'credit ev':>9} "
+          f"{'seconds':>7} {'tokens':>9}")
+    by_critic = defaultdict(list)
+    for row in rows:
+        by_critic[row["critic"]].append(row)
+    means = [{"run": f"mean of {len(group)}", "critic": critic, "seed": "",
+              **{key: (sum(r[key] for r in group) / len(group) if None not in [r[key] for r in group] else None)
+                 for key in ("before", "after", "gain", "credit_ev", "seconds", "tokens")}}
+             for critic, group in by_critic.items() if len(group) > 1]
+    for row in rows + means:
+        credit = "n/a" if row["credit_ev"] is None else f"{row['credit_ev']:.2f}"
+        print(f"{os.path.basename(os.path.normpath(row['run'])):<32} {row['critic']:>6} {row['seed']!s:>4} "
+              f"{row['before']:6.3f} {row['after']:6.3f} {row['gain']:+7.3f} {credit:>9} {row['seconds']:7.0f} "
+              f"{row['tokens']:9.0f}")
+
+
 def plot_command(argv: list[str]) -> str:
-    """python vineppo.py --plot runs/a runs/b [--output FILE]: overlay finished (or running) runs."""
+    """python vineppo.py --plot runs/a runs/b [--output FILE]: print a table of the runs (`summarize_run`)
+    and overlay their curves (finished or running runs)."""
     parser = argparse.ArgumentParser(prog="vineppo.py --plot", description=plot_command.__doc__)
     parser.add_argument("--plot", nargs="*", required=True, metavar="RUN_DIR", help="output directories of runs")
     parser.add_argument("--output", default="compare.png", help="the PNG to write (default: compare.png)")
     options = parser.parse_args(argv)
     if not options.plot:
         sys.exit("error: --plot needs at least one run directory, e.g. --plot runs/arith-mc-seed0 runs/arith-value-seed0")
+    print_summary([summarize_run(run_dir) for run_dir in options.plot])
     try:
         path = plot_curves(options.plot, options.output)
     except ImportError:

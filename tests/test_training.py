@@ -182,3 +182,23 @@ def test_bad_task_and_critic_flags_are_refused_before_anything_runs(flags, messa
     with pytest.raises(SystemExit) as refused:
         vineppo.parse_args(flags)
     assert message in str(refused.value.code)
+
+
+def test_summarize_run_on_hand_made_metrics(tmp_path, capsys):
+    """Credit quality is the mean explained variance over RL iterations (iteration 0 left out); seconds add
+    the critic's warm-up to RL; tokens add responses, MC rollouts and warm-up rollouts."""
+    records = [{"iteration": 0, "eval/pass@1": 0.25, "tokens/critic_warmup": 100, "time/critic_warmup_s": 5.0},
+               {"iteration": 1, "value/explained_variance": 0.2, "tokens/rollout": 10, "tokens/mc": 0},
+               {"iteration": 2, "value/explained_variance": 0.6, "tokens/rollout": 20, "eval/pass@1": 0.5,
+                "time/elapsed_s": 40.0}]
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "args.json").write_text(json.dumps({"critic": "value", "seed": 3}))
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    row = vineppo.summarize_run(str(tmp_path))
+    assert row == {"run": str(tmp_path), "critic": "value", "seed": 3, "before": 0.25, "after": 0.5, "gain": 0.25,
+                   "credit_ev": pytest.approx(0.4), "seconds": 45.0, "tokens": 130}
+    grpo = dict(row, critic="grpo", credit_ev=None)
+    vineppo.print_summary([row, dict(row, gain=0.35), grpo])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 + 3 + 1  # header, 3 runs, one mean (value has 2 runs)
+    assert "+0.300" in lines[-1] and "0.40" in lines[-1] and " n/a " in lines[3]
