@@ -1752,8 +1752,12 @@ def clock(record: dict, phase: str):
 
 
 def evaluate_into(record: dict, run: Run, args: Args) -> None:
-    """pass@1 on the test problems, and on the validation problems held out of train (to choose a checkpoint)."""
-    with clock(record, "eval"):
+    """pass@1 on the test problems, and on the validation problems held out of train (to choose a checkpoint).
+    Its samples come from their own random stream, seeded by the run's seed and the iteration: runs of one
+    seed that differ only in the critic evaluate the same SFT model on the same samples (pass@1 before RL is
+    equal), and evaluating leaves the training's random stream untouched."""
+    with clock(record, "eval"), torch.random.fork_rng(devices=[] if run.device.type == "cpu" else None):
+        torch.manual_seed(args.seed * 100_003 + record["iteration"])
         record["eval/pass@1"] = evaluate(run.policy, run.tokenizer, run.test, args)
         if run.validation:
             record["eval/val_pass@1"] = evaluate(run.policy, run.tokenizer, run.validation, args)

@@ -202,3 +202,24 @@ def test_summarize_run_on_hand_made_metrics(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1 + 3 + 1  # header, 3 runs, one mean (value has 2 runs)
     assert "+0.300" in lines[-1] and "0.40" in lines[-1] and " n/a " in lines[3]
+
+
+def test_evaluation_has_its_own_random_stream(monkeypatch):
+    """pass@1 at an iteration does not depend on the training's random state (so runs of one seed that differ
+    only in the critic start from the same pass@1), and evaluating does not advance that state."""
+    monkeypatch.setattr(vineppo, "reward_of", lambda task, text, ended, answer: parity_grader(text, answer))
+    tok = vineppo.build_tiny_tokenizer()
+    args = vineppo.Args(task="arith", eval_samples=4, max_new_tokens=8, seed=5)
+    test = vineppo.make_arith_task(0, 10, 6, 0.0)[1]
+    run = vineppo.Run(tok, vineppo.build_tiny_model(tok, seed=0).eval(), None, None, [], [], [], [], test,
+                      torch.device("cpu"))
+    scores = []
+    for training_seed in (1, 2):
+        torch.manual_seed(training_seed)
+        record = {"iteration": 3}
+        vineppo.evaluate_into(record, run, args)
+        scores.append(record["eval/pass@1"])
+        untouched = torch.rand(3)
+        torch.manual_seed(training_seed)
+        assert torch.equal(untouched, torch.rand(3)), "evaluation advanced the training's random stream"
+    assert scores[0] == scores[1] and 0 < scores[0] < 1
