@@ -1488,7 +1488,9 @@ def check_hub_reachable(args: Args, timeout_s: float = 5.0) -> None:
 
 def load_model_and_tokenizer(args: Args, device):
     """The tiny demo model, or any causal LM by hub id / local path through `from_pretrained`. A tokenizer
-    without EOS gets one (SFT teaches it); without a pad token, EOS pads (left padding is masked)."""
+    without EOS gets one (SFT teaches it); without a pad token, EOS pads (left padding is masked). No other
+    token gets a new embedding row: a saved demo model reloads with Qwen2's tokenizer, which adds an unk
+    token the model never sees, and a new random row would change the saved model's distribution."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if args.model == "tiny":
@@ -1501,12 +1503,11 @@ def load_model_and_tokenizer(args: Args, device):
         except (OSError, ValueError) as error:
             sys.exit(f"error: could not load --model {args.model!r} ({str(error).splitlines()[0]}). Give a hub id "
                      f"you can reach, a local directory, or set HF_HUB_OFFLINE=1 to use the local cache.")
-        if tokenizer.eos_token_id is None:
+        if tokenizer.eos_token_id is None:  # SFT teaches the EOS we add: it needs an embedding row
             tokenizer.add_special_tokens({"eos_token": "<|endoftext|>"})
+            model.resize_token_embeddings(max(len(tokenizer), model.get_input_embeddings().num_embeddings))
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # an added token needs a row
-            model.resize_token_embeddings(len(tokenizer))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -1721,6 +1722,8 @@ def start_run(args: Args) -> Run:
         except KeyboardInterrupt:
             sys.exit("interrupted during the SFT warm-up, before the first checkpoint: nothing was saved")
         print(f"SFT warm-up: {args.sft_epochs:g} epochs, final loss {loss:.3f}, {time.time() - start:.0f}s")
+    random.seed(args.seed)  # RL's random stream starts from the seed whatever came before, so RL from a saved SFT
+    torch.manual_seed(args.seed)  # model (--model DIR --sft-epochs 0) repeats the RL of the run that trained it
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     if args.offload_reference:
         reference.to("cpu")

@@ -223,3 +223,22 @@ def test_evaluation_has_its_own_random_stream(monkeypatch):
         torch.manual_seed(training_seed)
         assert torch.equal(untouched, torch.rand(3)), "evaluation advanced the training's random stream"
     assert scores[0] == scores[1] and 0 < scores[0] < 1
+
+
+def test_rl_from_a_saved_sft_model_repeats_the_run_that_trained_it(tmp_path, monkeypatch):
+    """SFT + RL in one run, and RL alone from that run's saved SFT model (--model DIR --sft-epochs 0), log the
+    same metrics: RL's random stream starts from the seed after SFT (how the README's 3 seeds x 4 critics
+    table reuses one SFT model per seed)."""
+    monkeypatch.setattr(vineppo, "grade_gsm8k", parity_grader)
+    flags = TINY_RUN + ["--task", "arith", "--critic", "value", "--critic-warmup", "1", "--value-lr", "1e-3"]
+    flags[flags.index("--sft-epochs") + 1] = "0.2"
+    vineppo.main(flags + ["--iterations", "0", "--output-dir", str(tmp_path / "sft")])
+    flags[flags.index("--iterations") + 1] = "1"
+    whole = vineppo.main(flags + ["--output-dir", str(tmp_path / "whole")])
+    flags[flags.index("--sft-epochs") + 1] = "0"
+    alone = vineppo.main(flags + ["--model", str(tmp_path / "sft" / "final"), "--output-dir", str(tmp_path / "alone")])
+
+    def untimed(history):
+        return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in history]
+    assert untimed(whole["history"]) == untimed(alone["history"])
+    assert whole["before"] == alone["before"] and whole["after"] == alone["after"]
