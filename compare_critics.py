@@ -1,4 +1,4 @@
-"""Do value networks predict the value? The paper's value-prediction analysis, runnable and honest.
+"""Do value networks predict the value? Whose gradient points the right way? Two of the paper's analyses, runnable.
 
 Kazemnejad et al., "VinePPO" (arXiv 2410.01679), the analysis of PPO's value network (official code:
 src/treetune/analyzers/mc_value_prediction_analyzer.py and mc_value_action_ranking_analyzer.py): on the states
@@ -7,7 +7,8 @@ K_gt = 256 fresh rollouts from s, and test how well each one ranks alternative n
 
     python compare_critics.py                                # trains the demo's `--critic value` run, then compares
     python compare_critics.py --run runs/arith-value-seed0   # a finished `vineppo.py --critic value` run
-    python compare_critics.py --help                         # every flag
+    python compare_critics.py --gradients                    # the gradient-variance analysis (below)
+    python compare_critics.py --help                         # every flag (--gradients --help: that mode's)
 
 States: the prompt state s_0 and every step boundary of responses sampled on held-out problems, built as
 `assign_mc_advantages` builds them. s_0 is one state per problem and its value is the problem's difficulty
@@ -26,8 +27,32 @@ skipped, an estimator's tie counts 1/2: chance is exactly 0.5). Every figure has
 (problems resampled, seeded). Writes <output-dir>/results.json (every state's truth and predictions too),
 pred_vs_true.png, mae_by_position.png and ranking.png, and prints the table beside the paper's figures.
 
-The file reads top to bottom in the order the analysis runs:
-    Args -> metrics (pure functions) -> states and rollouts -> estimators -> ranking -> report -> main.
+Gradient variance (`--gradients`). Better credit should mean a less noisy update: the paper's first version
+(arXiv 2410.01679v1, abstract) says value networks' poor predictions are "often leading to high-variance
+updates". The official code measures it in src/treetune/analyzers/ppo_gradient_variance_analyzer.py: per
+checkpoint it draws (by default) 10 random minibatches of 32 of the episodes that checkpoint sampled for
+training, forms each one's PPO-loss gradient as the trainer does, and reports their total variance (the
+trace of their covariance). A variance has the
+gradient's scale, which whitening and each method's advantages change, so here the measure is scale-free:
+the cosine of one minibatch's gradient to a reference gradient. Per policy (a short and a long chain):
+  - the reference: other problems' responses with MC advantages from K = 16 rollouts per state (K beyond
+    16 barely changes it: the responses, not the rollouts, limit it); the cosine between the gradients of its
+    two halves (disjoint problems) says how good it is: about sqrt(2c / (1 + c)) to the true gradient. Its
+    noise shrinks every cosine by that same factor, so the batch sizes below do not depend on it;
+  - a pool of problems x 8 responses with every method's token advantages: MC with K = 1, 3, 9 (one set of
+    9 rollouts per state, training's states, cap and step advantages), and, through `vineppo.assign_credit`
+    itself, the value network's GAE, GRPO and RLOO;
+  - minibatches of B = 16..128 responses (B / 8 whole groups, the same batches for every method), each one's
+    gradient formed by `vineppo.minibatch_backward` at ratio 1 (whitening over the minibatch included);
+  - the cosine to the reference, mean and spread per method and B, and the B each method needs to reach the
+    mean cosine of MC K=9 at B = 32 (interpolated in log B).
+Without --runs it first trains, per chain length, a `vineppo.py --critic value --iterations 0` run (the demo's
+SFT, then the critic alone on the SFT policy's rollouts: --critic-warmup), in run-<chain length>/.
+Writes <output-dir>/results.json (every batch's cosine) and gradients.png.
+
+The file reads top to bottom in the order the analyses run:
+    Args -> metrics (pure functions) -> states and rollouts -> estimators -> ranking -> report -> main;
+    GradientArgs -> cosine, batches (pure functions) -> credit and gradients -> report -> gradients_main.
 """
 
 from __future__ import annotations
@@ -582,19 +607,21 @@ class GradientArgs:
     """comma-separated `vineppo.py --critic value` output directories to analyse; empty: train one per --chain-lengths"""
     chain_lengths: str = "3-5,10-12"
     """without --runs: the built-in task's chain lengths ('MIN-MAX'), one SFT policy and warmed-up critic each"""
-    sft_epochs: float = -1
-    """without --runs: SFT epochs of each policy; -1 = the demo's"""
-    critic_warmup: int = 10
-    """without --runs: iterations of critic training on the SFT policy's rollouts before the analysis (vineppo --critic-warmup)"""
+    sft_epochs: str = "-1,7.2"
+    """without --runs: SFT epochs per chain length (-1 = the demo's); each after the first continues the previous policy"""
+    critic_warmup: int = -1
+    """without --runs: iterations of critic training on the SFT policy's rollouts (--critic-warmup); -1 = the demo's, else 10"""
+    value_lr: float = -1
+    """without --runs: the critic's learning rate (--value-lr); -1 = the demo's, else 1e-3"""
     output_dir: str = "runs/gradient-variance"
     """where results.json, gradients.png (and, without --runs, the training runs run-<chain length>/) go"""
     overwrite: bool = False
     """allow writing into an output directory that already holds results"""
-    reference_problems: int = 128
+    reference_problems: int = 256
     """training problems of the reference gradient, none of them in the pool"""
-    reference_samples: int = 4
+    reference_samples: int = 2
     """responses per reference problem"""
-    reference_k: int = 32
+    reference_k: int = 16
     """MC rollouts per state of the reference's advantages"""
     pool_problems: int = 64
     """training problems of the pool that batches are drawn from"""
@@ -606,8 +633,8 @@ class GradientArgs:
     """minibatch sizes B, each a multiple of --samples-per-problem (a batch is B / that whole groups)"""
     yardstick_batch: int = 32
     """the report gives the B each method needs to reach the mean cosine of the largest-K MC at this B"""
-    batch_responses: int = 1024
-    """batches per method and B: this many responses / B (every B sees as many responses)"""
+    batch_responses: int = 512
+    """batches per method and B: this many responses / B, at least 8"""
     seed: int = 0
     """seed for python and torch (sampling) and the batches"""
     rollout_batch_size: int = 512
@@ -617,6 +644,9 @@ class GradientArgs:
 
 
 TOKENS_PER_OPERATION = 12  # response budget of a trained policy: a line "\n25*2=50" is 8 characters (= tokens)
+FAIR_CRITIC = dict(critic_warmup=10, value_lr=1e-3)  # unless the demo sets its own: at the policy's lr 5e-5, 10
+# warm-up iterations leave the critic's explained variance of the returns at -0.7 (worse than a constant) on
+# 3-5 chains; at 1e-3 it is about 0.05 (measured before the analysis had a flag for it)
 
 
 def parse_gradient_args(argv: list[str]) -> GradientArgs:
@@ -645,6 +675,12 @@ def parse_gradient_args(argv: list[str]) -> GradientArgs:
             vineppo.parse_chain_length(length)
         except ValueError:
             problems.append(f"--chain-lengths takes 'MIN-MAX' or 'N' separated by commas, like 3-5,10-12; got {length!r}")
+    try:
+        epochs = [float(e) for e in args.sft_epochs.split(",")]
+    except ValueError:
+        epochs = []
+    if not args.runs and len(epochs) != len(args.chain_lengths.split(",")):
+        problems.append(f"--sft-epochs needs one number per chain length ({args.chain_lengths}); got {args.sft_epochs!r}")
     for run in args.runs.split(",") if args.runs else []:
         if not os.path.isdir(os.path.join(run, "final", "value")):
             problems.append(f"--runs {run} has no final/value/: give output directories of finished "
@@ -658,14 +694,31 @@ def batch_sizes(args: GradientArgs) -> list[int]:
     return sorted({int(b) for b in args.batch_sizes.split(",")})
 
 
-def training_argv(chain_length: str, args: GradientArgs) -> list[str]:
-    """The demo's `--critic value` run with no RL: SFT, then the critic warmed up on the SFT policy's rollouts
-    (vineppo.TINY_DEMO_OVERRIDES supply every other setting); long chains get a longer response budget."""
-    longest = vineppo.parse_chain_length(chain_length)[1]
-    budget = max(vineppo.TINY_DEMO_OVERRIDES["max_new_tokens"], TOKENS_PER_OPERATION * longest)
-    argv = ["--critic", "value", "--iterations", "0", "--chain-length", chain_length, "--max-new-tokens", str(budget),
-            "--critic-warmup", str(args.critic_warmup), "--eval-problems", "128", "--seed", str(args.seed)]
-    return argv + (["--sft-epochs", str(args.sft_epochs)] if args.sft_epochs >= 0 else [])
+def mean_length(chain_length: str) -> float:
+    return sum(vineppo.parse_chain_length(chain_length)) / 2
+
+
+def training_argv(i: int, args: GradientArgs, previous_run: str = "") -> list[str]:
+    """A `--critic value` run with no RL: SFT, then the critic trained alone on the SFT policy's rollouts
+    (--critic-warmup), with the demo's settings (vineppo.TINY_DEMO_OVERRIDES). The first chain length is the
+    demo's run from scratch; each later one continues SFT from the previous run's policy (from scratch, the
+    tiny model does not learn to track 10 operations in minutes), and its tutor slips less often per step, so
+    that a solution holds as many slips on average as on the first chain length. Long chains get a longer
+    response budget."""
+    lengths, epochs = args.chain_lengths.split(","), args.sft_epochs.split(",")
+    budget = max(vineppo.TINY_DEMO_OVERRIDES["max_new_tokens"], TOKENS_PER_OPERATION * vineppo.parse_chain_length(lengths[i])[1])
+    slip_rate = vineppo.Args.slip_rate * mean_length(lengths[0]) / mean_length(lengths[i])
+    argv = ["--critic", "value", "--iterations", "0", "--chain-length", lengths[i], "--slip-rate", f"{slip_rate:.3g}",
+            "--eval-problems", "128", "--seed", str(args.seed)]
+    if previous_run:  # not `tiny`: the demo's settings are given as flags, then ours
+        argv = ["--model", os.path.join(previous_run, "final"), "--task", "arith"] + [
+            f for name, value in vineppo.TINY_DEMO_OVERRIDES.items() for f in (f"--{name.replace('_', '-')}", str(value))
+        ] + argv
+    for name, fallback in FAIR_CRITIC.items():  # the demo's, if it sets them
+        value = getattr(args, name) if getattr(args, name) != -1 else vineppo.TINY_DEMO_OVERRIDES.get(name, fallback)
+        argv += [f"--{name.replace('_', '-')}", str(value)]
+    argv += ["--max-new-tokens", str(budget)]
+    return argv + (["--sft-epochs", epochs[i]] if float(epochs[i]) >= 0 else [])
 
 
 # --- pure functions: the cosine, batches, the batch size a method needs ----------------------
@@ -813,7 +866,7 @@ def analyse_policy(run_dir: str, args: GradientArgs, device) -> dict:
               for g in range(args.pool_problems)]
     cosines = {name: {} for name in methods}
     for size in batch_sizes(args):
-        draws = draw_batches(groups, size, max(1, args.batch_responses // size), seed=args.seed + size)
+        draws = draw_batches(groups, size, max(8, args.batch_responses // size), seed=args.seed + size)
         for rows in tqdm(draws, desc=f"batch gradients, B={size}", leave=False):
             for name, adv in methods.items():
                 g = policy_gradient(policy, batch, fixed, adv, rows, run_args, device)
@@ -899,11 +952,11 @@ def gradients_main(argv: list[str]) -> dict:
     os.makedirs(args.output_dir, exist_ok=True)
     start, timings = time.time(), {}
     runs = args.runs.split(",") if args.runs else []
-    for length in args.chain_lengths.split(",") if not runs else []:  # train a policy and critic per chain length
+    for i, length in enumerate(args.chain_lengths.split(",") if not runs else []):  # a policy and critic each
         runs.append(os.path.join(args.output_dir, f"run-{length}"))
         if os.path.isdir(os.path.join(runs[-1], "final", "value")) and not args.overwrite:
             sys.exit(f"error: {runs[-1]} already holds a trained run: analyse it with --runs, or pass --overwrite")
-        vineppo.main(training_argv(length, args) + ["--output-dir", runs[-1], "--overwrite"])
+        vineppo.main(training_argv(i, args, runs[-2] if i else "") + ["--output-dir", runs[-1], "--overwrite"])
         timings[f"train_{length}_s"] = time.time() - start - sum(timings.values())
     device = vineppo.pick_device(args.device)
     results = []

@@ -201,16 +201,23 @@ def test_bad_flags_are_one_line_errors(flags, message):
     assert str(error.value).startswith("error: ") and message in str(error.value) and "\n" not in str(error.value)
 
 
-def test_training_argv_is_the_demo_value_run_with_a_warm_critic_and_room_for_long_chains():
-    args = cc.GradientArgs(critic_warmup=7)
-    short = vineppo.parse_args(cc.training_argv("3-5", args) + ["--output-dir", "unused"])
-    long = vineppo.parse_args(cc.training_argv("10-12", args) + ["--output-dir", "unused"])
+def test_training_runs_are_the_demo_value_run_with_a_warm_critic_then_a_continued_sft():
+    args = cc.GradientArgs(chain_lengths="3-5,10-12", sft_epochs="-1,2.5", critic_warmup=7)
+    short = vineppo.parse_args(cc.training_argv(0, args) + ["--output-dir", "unused"])
+    long = vineppo.parse_args(cc.training_argv(1, args, "runs/short") + ["--output-dir", "unused"])
     for run, length in ((short, "3-5"), (long, "10-12")):
-        assert (run.critic, run.iterations, run.critic_warmup, run.chain_length) == ("value", 0, 7, length)
-        assert run.model == "tiny" and run.lr == vineppo.TINY_DEMO_OVERRIDES["lr"]  # the demo's settings
+        assert (run.critic, run.iterations, run.critic_warmup, run.chain_length, run.task) == ("value", 0, 7, length, "arith")
+        ours = ("max_new_tokens", "sft_epochs", "iterations", "eval_problems")  # every other setting is the demo's
+        assert {name: getattr(run, name) for name in vineppo.TINY_DEMO_OVERRIDES if name not in ours} \
+            == {name: value for name, value in vineppo.TINY_DEMO_OVERRIDES.items() if name not in ours}
+        assert run.value_lr == vineppo.TINY_DEMO_OVERRIDES.get("value_lr", cc.FAIR_CRITIC["value_lr"])
+    assert short.model == "tiny" and long.model == "runs/short/final"  # the long chain's SFT continues the short one's
+    assert (short.sft_epochs, long.sft_epochs) == (vineppo.TINY_DEMO_OVERRIDES["sft_epochs"], 2.5)
     assert short.max_new_tokens == vineppo.TINY_DEMO_OVERRIDES["max_new_tokens"] and long.max_new_tokens >= 12 * 12
-    assert short.sft_epochs == vineppo.TINY_DEMO_OVERRIDES["sft_epochs"]
-    assert vineppo.parse_args(cc.training_argv("3-5", replace(args, sft_epochs=2.5)) + ["--output-dir", "u"]).sft_epochs == 2.5
+    assert short.slip_rate == vineppo.Args.slip_rate  # as many slips per solution on average: 4 x 0.4 = 11 x 0.145
+    assert long.slip_rate * 11 == pytest.approx(short.slip_rate * 4, rel=0.01)
+    with pytest.raises(SystemExit, match="one number per chain length"):
+        cc.main(["--gradients", "--sft-epochs", "-1"])
 
 
 def test_tiny_end_to_end_run(tmp_path, tok, text_rewards):
