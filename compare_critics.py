@@ -32,13 +32,13 @@ Gradient variance (`--gradients`). Better credit should mean a less noisy update
 updates". The official code measures it in src/treetune/analyzers/ppo_gradient_variance_analyzer.py: per
 checkpoint it draws (by default) 10 random minibatches of 32 of the episodes that checkpoint sampled for
 training, forms each one's PPO-loss gradient as the trainer does, and reports their total variance (the
-trace of their covariance). A variance has the
-gradient's scale, which whitening and each method's advantages change, so here the measure is scale-free:
-the cosine of one minibatch's gradient to a reference gradient. Per policy (a short and a long chain):
+trace of their covariance). A variance has the gradient's scale, which whitening and each method's
+advantages change, so here the measure is scale-free: the cosine of one minibatch's gradient to a reference
+gradient. Per policy (a short and a long chain):
   - the reference: other problems' responses with MC advantages from K = 16 rollouts per state (K beyond
-    16 barely changes it: the responses, not the rollouts, limit it); the cosine between the gradients of its
-    two halves (disjoint problems) says how good it is: about sqrt(2c / (1 + c)) to the true gradient. Its
-    noise shrinks every cosine by that same factor, so the batch sizes below do not depend on it;
+    16 barely changes it: the responses, not the rollouts, limit it); the cosine c between the gradients of
+    its two halves (disjoint problems) says how good it is: about sqrt(2c / (1 + c)) to the true gradient.
+    Its noise shrinks every cosine by that same factor, so the batch sizes below do not depend on it;
   - a pool of problems x 8 responses with every method's token advantages: MC with K = 1, 3, 9 (one set of
     9 rollouts per state, training's states, cap and step advantages), and, through `vineppo.assign_credit`
     itself, the value network's GAE, GRPO and RLOO;
@@ -46,8 +46,10 @@ the cosine of one minibatch's gradient to a reference gradient. Per policy (a sh
     gradient formed by `vineppo.minibatch_backward` at ratio 1 (whitening over the minibatch included);
   - the cosine to the reference, mean and spread per method and B, and the B each method needs to reach the
     mean cosine of MC K=9 at B = 32 (interpolated in log B).
-Without --runs it first trains, per chain length, a `vineppo.py --critic value --iterations 0` run (the demo's
-SFT, then the critic alone on the SFT policy's rollouts: --critic-warmup), in run-<chain length>/.
+Without --runs it first trains, per chain length (3-5 and 7-9 operations), a `vineppo.py --critic value
+--iterations 0` run in run-<chain length>/: SFT, then the critic alone on the SFT policy's rollouts
+(--critic-warmup), with the demo's settings; the long chain's SFT continues from the short chain's policy
+(250 steps), and its tutor slips as often per solution (`training_argv`).
 Writes <output-dir>/results.json (every batch's cosine) and gradients.png.
 
 The file reads top to bottom in the order the analyses run:
@@ -605,21 +607,17 @@ def main(argv: list[str] | None = None) -> dict:
 class GradientArgs:
     runs: str = ""
     """comma-separated `vineppo.py --critic value` output directories to analyse; empty: train one per --chain-lengths"""
-    chain_lengths: str = "3-5,10-12"
+    chain_lengths: str = "3-5,7-9"
     """without --runs: the built-in task's chain lengths ('MIN-MAX'), one SFT policy and warmed-up critic each"""
-    sft_epochs: str = "-1,7.2"
+    sft_epochs: str = "-1,4"
     """without --runs: SFT epochs per chain length (-1 = the demo's); each after the first continues the previous policy"""
-    critic_warmup: int = -1
-    """without --runs: iterations of critic training on the SFT policy's rollouts (--critic-warmup); -1 = the demo's, else 10"""
-    value_lr: float = -1
-    """without --runs: the critic's learning rate (--value-lr); -1 = the demo's, else 1e-3"""
     output_dir: str = "runs/gradient-variance"
     """where results.json, gradients.png (and, without --runs, the training runs run-<chain length>/) go"""
     overwrite: bool = False
     """allow writing into an output directory that already holds results"""
-    reference_problems: int = 256
+    reference_problems: int = 128
     """training problems of the reference gradient, none of them in the pool"""
-    reference_samples: int = 2
+    reference_samples: int = 4
     """responses per reference problem"""
     reference_k: int = 16
     """MC rollouts per state of the reference's advantages"""
@@ -644,9 +642,6 @@ class GradientArgs:
 
 
 TOKENS_PER_OPERATION = 12  # response budget of a trained policy: a line "\n25*2=50" is 8 characters (= tokens)
-FAIR_CRITIC = dict(critic_warmup=10, value_lr=1e-3)  # unless the demo sets its own: at the policy's lr 5e-5, 10
-# warm-up iterations leave the critic's explained variance of the returns at -0.7 (worse than a constant) on
-# 3-5 chains; at 1e-3 it is about 0.05 (measured before the analysis had a flag for it)
 
 
 def parse_gradient_args(argv: list[str]) -> GradientArgs:
@@ -700,7 +695,7 @@ def mean_length(chain_length: str) -> float:
 
 def training_argv(i: int, args: GradientArgs, previous_run: str = "") -> list[str]:
     """A `--critic value` run with no RL: SFT, then the critic trained alone on the SFT policy's rollouts
-    (--critic-warmup), with the demo's settings (vineppo.TINY_DEMO_OVERRIDES). The first chain length is the
+    (--critic-warmup), all with the demo's settings (vineppo.TINY_DEMO_OVERRIDES). The first chain length is the
     demo's run from scratch; each later one continues SFT from the previous run's policy (from scratch, the
     tiny model does not learn to track 10 operations in minutes), and its tutor slips less often per step, so
     that a solution holds as many slips on average as on the first chain length. Long chains get a longer
@@ -714,11 +709,7 @@ def training_argv(i: int, args: GradientArgs, previous_run: str = "") -> list[st
         argv = ["--model", os.path.join(previous_run, "final"), "--task", "arith"] + [
             f for name, value in vineppo.TINY_DEMO_OVERRIDES.items() for f in (f"--{name.replace('_', '-')}", str(value))
         ] + argv
-    for name, fallback in FAIR_CRITIC.items():  # the demo's, if it sets them
-        value = getattr(args, name) if getattr(args, name) != -1 else vineppo.TINY_DEMO_OVERRIDES.get(name, fallback)
-        argv += [f"--{name.replace('_', '-')}", str(value)]
-    argv += ["--max-new-tokens", str(budget)]
-    return argv + (["--sft-epochs", epochs[i]] if float(epochs[i]) >= 0 else [])
+    return argv + ["--max-new-tokens", str(budget)] + (["--sft-epochs", epochs[i]] if float(epochs[i]) >= 0 else [])
 
 
 # --- pure functions: the cosine, batches, the batch size a method needs ----------------------
@@ -735,9 +726,9 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def draw_batches(groups: list[list[int]], batch_size: int, n_batches: int, seed: int) -> list[list[int]]:
-    """n_batches minibatches of batch_size responses, each made of whole groups (the samples of one problem,
-    as training's minibatches hold them for GRPO and RLOO), distinct groups within a batch, drawn anew for
-    every batch (batches may share groups with each other)."""
+    """n_batches minibatches of batch_size responses, each made of whole groups (all samples of a problem, as
+    an iteration samples them: batch_size / group size problems), distinct groups within a batch, drawn anew
+    for every batch (batches may share groups with each other)."""
     size = len(groups[0])
     if any(len(g) != size for g in groups) or batch_size % size:
         raise ValueError(f"batch size {batch_size} is not a whole number of groups of {size}")
@@ -893,12 +884,12 @@ def analyse_policy(run_dir: str, args: GradientArgs, device) -> dict:
 
 
 def spread(values: list[float]) -> dict:
-    """Mean, standard deviation and the middle 95% of the batches' cosines."""
-    ordered = sorted(values)
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1))
-    return {"mean": mean, "std": std, "n": len(values), "range95": (ordered[int(0.025 * (len(values) - 1))],
-                                                                    ordered[math.ceil(0.975 * (len(values) - 1))])}
+    """Mean, standard deviation, standard error of the mean and the middle 95% of the batches' cosines."""
+    ordered, n = sorted(values), len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, n - 1))
+    return {"mean": mean, "std": std, "se": std / math.sqrt(n), "n": n,
+            "range95": (ordered[int(0.025 * (n - 1))], ordered[math.ceil(0.975 * (n - 1))])}
 
 
 # --- report and the command -------------------------------------------------------------------
@@ -910,12 +901,13 @@ def print_gradient_table(result: dict, args: GradientArgs) -> None:
     print(f"Reference: {ref['responses']} other responses, MC K={ref['k']}; cosine between its halves "
           f"{ref['halves_cosine']:.3f}, so about {ref['cosine_to_true_gradient']:.2f} to the true gradient "
           f"(every cosine below is shrunk by that factor)")
-    header = f"{'method':<15}" + "".join(f"{'B=' + str(b):<15}" for b in sizes) + \
+    first = result["summary"][next(iter(result["summary"]))]
+    header = f"{'method':<15}" + "".join(f"B={b} ({first[b]['n']})".ljust(17) for b in sizes) + \
         f"B for {result['target']['method']}'s cosine at B={result['target']['batch_size']}"
-    print("cosine of one minibatch gradient to the reference, mean +- std over batches\n" + header + "\n" + "-" * len(header))
+    print("cosine of one minibatch gradient to the reference, mean +- std over (n) batches\n" + header + "\n" + "-" * len(header))
     for name, by_size in result["summary"].items():
         needed = result["batch_size_needed"][name]
-        print(f"{name:<15}" + "".join(f"{by_size[b]['mean']:.3f} +- {by_size[b]['std']:.3f}".ljust(15) for b in sizes)
+        print(f"{name:<15}" + "".join(f"{by_size[b]['mean']:6.3f} +- {by_size[b]['std']:.3f}  " for b in sizes)
               + format_needed(math.inf if needed is None else needed, sizes))
 
 

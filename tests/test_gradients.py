@@ -202,19 +202,18 @@ def test_bad_flags_are_one_line_errors(flags, message):
 
 
 def test_training_runs_are_the_demo_value_run_with_a_warm_critic_then_a_continued_sft():
-    args = cc.GradientArgs(chain_lengths="3-5,10-12", sft_epochs="-1,2.5", critic_warmup=7)
+    args = cc.GradientArgs(chain_lengths="3-5,10-12", sft_epochs="-1,2.5")
     short = vineppo.parse_args(cc.training_argv(0, args) + ["--output-dir", "unused"])
     long = vineppo.parse_args(cc.training_argv(1, args, "runs/short") + ["--output-dir", "unused"])
     for run, length in ((short, "3-5"), (long, "10-12")):
-        assert (run.critic, run.iterations, run.critic_warmup, run.chain_length, run.task) == ("value", 0, 7, length, "arith")
-        ours = ("max_new_tokens", "sft_epochs", "iterations", "eval_problems")  # every other setting is the demo's
+        assert (run.critic, run.iterations, run.chain_length, run.task) == ("value", 0, length, "arith")
+        ours = ("max_new_tokens", "sft_epochs", "iterations", "eval_problems")  # the rest (the critic's too): the demo's
         assert {name: getattr(run, name) for name in vineppo.TINY_DEMO_OVERRIDES if name not in ours} \
             == {name: value for name, value in vineppo.TINY_DEMO_OVERRIDES.items() if name not in ours}
-        assert run.value_lr == vineppo.TINY_DEMO_OVERRIDES.get("value_lr", cc.FAIR_CRITIC["value_lr"])
     assert short.model == "tiny" and long.model == "runs/short/final"  # the long chain's SFT continues the short one's
     assert (short.sft_epochs, long.sft_epochs) == (vineppo.TINY_DEMO_OVERRIDES["sft_epochs"], 2.5)
     assert short.max_new_tokens == vineppo.TINY_DEMO_OVERRIDES["max_new_tokens"] and long.max_new_tokens >= 12 * 12
-    assert short.slip_rate == vineppo.Args.slip_rate  # as many slips per solution on average: 4 x 0.4 = 11 x 0.145
+    assert short.slip_rate == vineppo.Args.slip_rate  # as many slips per solution on average: 4 x 0.3 = 11 x 0.109
     assert long.slip_rate * 11 == pytest.approx(short.slip_rate * 4, rel=0.01)
     with pytest.raises(SystemExit, match="one number per chain length"):
         cc.main(["--gradients", "--sft-epochs", "-1"])
@@ -225,14 +224,14 @@ def test_tiny_end_to_end_run(tmp_path, tok, text_rewards):
     out = tmp_path / "gradients"
     flags = ["--gradients", "--runs", str(tmp_path / "run"), "--output-dir", str(out), "--reference-problems", "4",
              "--reference-samples", "2", "--reference-k", "4", "--pool-problems", "4", "--samples-per-problem", "2",
-             "--mc-k", "1,3", "--batch-sizes", "2,4", "--yardstick-batch", "2", "--batch-responses", "8", "--device", "cpu"]
+             "--mc-k", "1,3", "--batch-sizes", "2,4", "--yardstick-batch", "2", "--batch-responses", "32", "--device", "cpu"]
     results = cc.main(flags)
     saved = json.loads((out / "results.json").read_text())
     (result,) = saved["results"]
     methods = ["MC K=1", "MC K=3", "value network", "GRPO", "RLOO"]
     assert list(result["summary"]) == list(result["cosines"]) == methods
     for name in methods:
-        assert [len(result["cosines"][name][b]) for b in ("2", "4")] == [4, 2]  # batch_responses / B batches
+        assert [len(result["cosines"][name][b]) for b in ("2", "4")] == [16, 8]  # batch_responses / B, at least 8
         assert all(-1 <= c <= 1 for b in ("2", "4") for c in result["cosines"][name][b])
     target = result["target"]
     assert (target["method"], target["batch_size"]) == ("MC K=3", 2)  # the largest K at the yardstick B
