@@ -754,6 +754,15 @@ def batch_size_needed(sizes: list[int], cosines: list[float], target: float) -> 
     return math.inf
 
 
+def spread(values: list[float]) -> dict:
+    """Mean, standard deviation, standard error of the mean and the middle 95% of the batches' cosines."""
+    ordered, n = sorted(values), len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, n - 1))
+    return {"mean": mean, "std": std, "se": std / math.sqrt(n), "n": n,
+            "range95": (ordered[int(0.025 * (n - 1))], ordered[math.ceil(0.975 * (n - 1))])}
+
+
 def format_needed(needed: float, sizes: list[int]) -> str:
     return f">{sizes[-1]}" if math.isinf(needed) else f"<={sizes[0]}" if needed == sizes[0] else f"{needed:.0f}"
 
@@ -881,15 +890,6 @@ def analyse_policy(run_dir: str, args: GradientArgs, device) -> dict:
             "target": {"method": yardstick, "batch_size": args.yardstick_batch, "cosine": target},
             "summary": summary, "batch_size_needed": {n: None if math.isinf(v) else v for n, v in needed.items()},
             "cosines": cosines, "timings": timings}
-
-
-def spread(values: list[float]) -> dict:
-    """Mean, standard deviation, standard error of the mean and the middle 95% of the batches' cosines."""
-    ordered, n = sorted(values), len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, n - 1))
-    return {"mean": mean, "std": std, "se": std / math.sqrt(n), "n": n,
-            "range95": (ordered[int(0.025 * (n - 1))], ordered[math.ceil(0.975 * (n - 1))])}
 
 
 # --- report and the command -------------------------------------------------------------------

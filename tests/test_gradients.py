@@ -56,6 +56,14 @@ def test_batch_size_needed_interpolates_in_log_b():
     assert [cc.format_needed(v, sizes) for v in (math.inf, 16.0, 45.25)] == [">128", "<=16", "45"]
 
 
+def test_spread_of_the_batch_cosines_hand_computed():
+    out = cc.spread([0.4, 0.1, 0.3, 0.2])
+    assert out["mean"] == pytest.approx(0.25) and out["n"] == 4
+    assert out["std"] == pytest.approx(math.sqrt((0.15 ** 2 + 0.05 ** 2) * 2 / 3))  # sample std (n - 1)
+    assert out["se"] == pytest.approx(out["std"] / 2)
+    assert out["range95"] == (0.1, 0.4)  # 4 batches: the middle 95% is all of them
+
+
 # ============================================================================================
 # 2. Gradients and credit, exactly as training forms them
 # ============================================================================================
