@@ -645,8 +645,8 @@ TOKENS_PER_OPERATION = 12  # response budget of a trained policy: a line "\n25*2
 
 
 def parse_gradient_args(argv: list[str]) -> GradientArgs:
-    parser = vineppo.dataclass_parser(GradientArgs, "How well does one PPO minibatch gradient point? "
-                                      "(compare_critics.py --gradients)")
+    parser = vineppo.dataclass_parser(GradientArgs, "How well does each method's PPO minibatch gradient point?")
+    parser.prog = "compare_critics.py --gradients"
     args = GradientArgs(**vars(parser.parse_args(argv)))
     problems = [f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
                 for name in ("reference_problems", "reference_samples", "reference_k", "pool_problems",
@@ -860,8 +860,10 @@ def analyse_policy(run_dir: str, args: GradientArgs, device) -> dict:
                                                                      replace(run_args, critic=critic))
     timings["reference_and_credit_s"] = time.time() - phase
 
-    # 3. batches of whole groups, the same batches for every method
+    # 3. batches of whole groups, the same batches for every method; and the whole pool as one batch
     phase = time.time()
+    whole_pool = {name: cosine(policy_gradient(policy, batch, fixed, adv, list(range(len(pool))), run_args, device),
+                               reference_gradient) for name, adv in methods.items()}
     groups = [list(range(g * args.samples_per_problem, (g + 1) * args.samples_per_problem))
               for g in range(args.pool_problems)]
     cosines = {name: {} for name in methods}
@@ -878,6 +880,8 @@ def analyse_policy(run_dir: str, args: GradientArgs, device) -> dict:
     target = summary[yardstick][args.yardstick_batch]["mean"]
     needed = {name: batch_size_needed(batch_sizes(args), [summary[name][b]["mean"] for b in batch_sizes(args)], target)
               for name in methods}
+    paired = {name: spread([a - b for a, b in zip(cosines[name][args.yardstick_batch], cosines[yardstick][args.yardstick_batch])])
+              for name in methods}  # the same batches: the difference to the yardstick is much less noisy
     return {"run": run_dir, "chain_length": run_args.chain_length, "task": run_args.task,
             "pool": {"responses": len(pool), "mean_reward": sum(e.reward for e in pool) / len(pool),
                      "mean_tokens": sum(len(e.response_ids) for e in pool) / len(pool),
@@ -889,6 +893,7 @@ def analyse_policy(run_dir: str, args: GradientArgs, device) -> dict:
                           "cosine_to_true_gradient": math.sqrt(2 * halves / (1 + halves)) if halves > 0 else math.nan},
             "target": {"method": yardstick, "batch_size": args.yardstick_batch, "cosine": target},
             "summary": summary, "batch_size_needed": {n: None if math.isinf(v) else v for n, v in needed.items()},
+            "paired_difference": paired, "whole_pool": whole_pool,
             "cosines": cosines, "timings": timings}
 
 
@@ -898,17 +903,21 @@ def print_gradient_table(result: dict, args: GradientArgs) -> None:
     print(f"\nChain length {result['chain_length']} ({result['run']}): pool of {pool['responses']} responses "
           f"({args.pool_problems} problems x {args.samples_per_problem}), mean reward {pool['mean_reward']:.3f}, "
           f"{pool['mean_steps']:.1f} steps; critic explained variance {pool['critic_explained_variance']:.3f}")
+    quality = (f"so about {ref['cosine_to_true_gradient']:.2f} to the true gradient (every cosine below is shrunk by "
+               f"that factor)" if ref["halves_cosine"] > 0 else "so it is mostly noise: read nothing below")
     print(f"Reference: {ref['responses']} other responses, MC K={ref['k']}; cosine between its halves "
-          f"{ref['halves_cosine']:.3f}, so about {ref['cosine_to_true_gradient']:.2f} to the true gradient "
-          f"(every cosine below is shrunk by that factor)")
-    first = result["summary"][next(iter(result["summary"]))]
-    header = f"{'method':<15}" + "".join(f"B={b} ({first[b]['n']})".ljust(17) for b in sizes) + \
-        f"B for {result['target']['method']}'s cosine at B={result['target']['batch_size']}"
-    print("cosine of one minibatch gradient to the reference, mean +- std over (n) batches\n" + header + "\n" + "-" * len(header))
+          f"{ref['halves_cosine']:.3f}, {quality}")
+    first, target = result["summary"][next(iter(result["summary"]))], result["target"]
+    header = (f"{'method':<15}" + "".join(f"B={b} ({first[b]['n']})".ljust(17) for b in sizes) + f"{'all ' + str(pool['responses']):<9}"
+              + f"{'B needed':<10}vs {target['method']} (B={target['batch_size']})")
+    print(f"cosine of one minibatch gradient to the reference, mean +- std over (n) batches; all: the whole pool as one "
+          f"batch; B needed: to reach {target['method']}'s mean at B={target['batch_size']} ({target['cosine']:.3f}); "
+          f"then the mean difference to it on the same batches +- its standard error\n{header}\n" + "-" * len(header))
     for name, by_size in result["summary"].items():
-        needed = result["batch_size_needed"][name]
+        needed, paired = result["batch_size_needed"][name], result["paired_difference"][name]
         print(f"{name:<15}" + "".join(f"{by_size[b]['mean']:6.3f} +- {by_size[b]['std']:.3f}  " for b in sizes)
-              + format_needed(math.inf if needed is None else needed, sizes))
+              + f"{result['whole_pool'][name]:6.3f}   " + f"{format_needed(math.inf if needed is None else needed, sizes):<10}"
+              + f"{paired['mean']:+.3f} +- {paired['se']:.3f}")
 
 
 def save_gradient_figure(results: list[dict], args: GradientArgs) -> str:

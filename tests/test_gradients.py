@@ -246,6 +246,8 @@ def test_tiny_end_to_end_run(tmp_path, tok, text_rewards):
     assert target["cosine"] == pytest.approx(result["summary"]["MC K=3"]["2"]["mean"])
     assert result["batch_size_needed"]["MC K=3"] == pytest.approx(2) or result["summary"]["MC K=3"]["2"]["mean"] < 0
     assert results["results"][0]["pool"] == result["pool"]
+    assert result["paired_difference"]["MC K=3"]["mean"] == 0 and set(result["whole_pool"]) == set(methods)
+    assert all(-1 <= c <= 1 for c in result["whole_pool"].values())
     assert -1 <= result["reference"]["halves_cosine"] <= 1 and result["pool"]["responses"] == 8
     assert (out / "gradients.png").stat().st_size > 1000
     with pytest.raises(SystemExit, match="already holds results"):
