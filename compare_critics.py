@@ -921,21 +921,22 @@ def print_gradient_table(result: dict, args: GradientArgs) -> None:
 
 
 def save_gradient_figure(results: list[dict], args: GradientArgs) -> str:
-    """Mean cosine (+- std) against B on a log axis, a panel per chain length."""
+    """Mean cosine (+- its standard error) against B on a log axis, a panel per chain length."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    sizes = batch_sizes(args)
     fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), squeeze=False)
     for ax, result in zip(axes.flat, results):
         for name, by_size in result["summary"].items():
-            sizes = sorted(by_size)
-            ax.errorbar(sizes, [by_size[b]["mean"] for b in sizes], yerr=[by_size[b]["std"] for b in sizes],
+            ax.errorbar(sizes, [by_size[b]["mean"] for b in sizes], yerr=[by_size[b]["se"] for b in sizes],
                         marker="o", capsize=3, label=name)
         ax.axhline(result["target"]["cosine"], color="gray", ls="--", lw=0.8)
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(b) for b in sizes])
         ax.set_xlabel("minibatch size B (responses)")
-        ax.set_ylabel("cosine to the reference gradient")
+        ax.set_ylabel("cosine to the reference gradient (mean +- s.e.)")
         ax.set_title(f"chain length {result['chain_length']}", fontsize=10)
         ax.legend(fontsize=8)
     fig.tight_layout()
