@@ -1,4 +1,4 @@
-"""Do value networks predict the value? The paper's value-prediction analysis, runnable and honest.
+"""Do value networks predict the value? Whose gradient points the right way? Two of the paper's analyses, runnable.
 
 Kazemnejad et al., "VinePPO" (arXiv 2410.01679), the analysis of PPO's value network (official code:
 src/treetune/analyzers/mc_value_prediction_analyzer.py and mc_value_action_ranking_analyzer.py): on the states
@@ -7,7 +7,8 @@ K_gt = 256 fresh rollouts from s, and test how well each one ranks alternative n
 
     python compare_critics.py                                # trains the demo's `--critic value` run, then compares
     python compare_critics.py --run runs/arith-value-seed0   # a finished `vineppo.py --critic value` run
-    python compare_critics.py --help                         # every flag
+    python compare_critics.py --gradients                    # the gradient-variance analysis (below)
+    python compare_critics.py --help                         # every flag (--gradients --help: that mode's)
 
 States: the prompt state s_0 and every step boundary of responses sampled on held-out problems, built as
 `assign_mc_advantages` builds them. s_0 is one state per problem and its value is the problem's difficulty
@@ -26,8 +27,34 @@ skipped, an estimator's tie counts 1/2: chance is exactly 0.5). Every figure has
 (problems resampled, seeded). Writes <output-dir>/results.json (every state's truth and predictions too),
 pred_vs_true.png, mae_by_position.png and ranking.png, and prints the table beside the paper's figures.
 
-The file reads top to bottom in the order the analysis runs:
-    Args -> metrics (pure functions) -> states and rollouts -> estimators -> ranking -> report -> main.
+Gradient variance (`--gradients`). Better credit should mean a less noisy update: the paper's first version
+(arXiv 2410.01679v1, abstract) says value networks' poor predictions are "often leading to high-variance
+updates". The official code measures it in src/treetune/analyzers/ppo_gradient_variance_analyzer.py: per
+checkpoint it draws (by default) 10 random minibatches of 32 of the episodes that checkpoint sampled for
+training, forms each one's PPO-loss gradient as the trainer does, and reports their total variance (the
+trace of their covariance). A variance has the gradient's scale, which whitening and each method's
+advantages change, so here the measure is scale-free: the cosine of one minibatch's gradient to a reference
+gradient. Per policy (a short and a long chain):
+  - the reference: other problems' responses with MC advantages from K = 16 rollouts per state (K beyond
+    16 barely changes it: the responses, not the rollouts, limit it); the cosine c between the gradients of
+    its two halves (disjoint problems) says how good it is: about sqrt(2c / (1 + c)) to the true gradient.
+    Its noise shrinks every cosine by that same factor, so the batch sizes below do not depend on it;
+  - a pool of problems x 8 responses with every method's token advantages: MC with K = 1, 3, 9 (one set of
+    9 rollouts per state, training's states, cap and step advantages), and, through `vineppo.assign_credit`
+    itself, the value network's GAE, GRPO and RLOO;
+  - minibatches of B = 16..128 responses (B / 8 whole groups, the same batches for every method), each one's
+    gradient formed by `vineppo.minibatch_backward` at ratio 1 (whitening over the minibatch included);
+  - the cosine to the reference, mean and spread per method and B, and the B each method needs to reach the
+    mean cosine of MC K=9 at B = 32 (interpolated in log B).
+Without --runs it first trains, per chain length (3-5 and 7-9 operations), a `vineppo.py --critic value
+--iterations 0` run in run-<chain length>/: SFT, then the critic alone on the SFT policy's rollouts
+(--critic-warmup), with the demo's settings; the long chain's SFT continues from the short chain's policy
+(250 steps), and its tutor slips as often per solution (`training_argv`).
+Writes <output-dir>/results.json (every batch's cosine) and gradients.png.
+
+The file reads top to bottom in the order the analyses run:
+    Args -> metrics (pure functions) -> states and rollouts -> estimators -> ranking -> report -> main;
+    GradientArgs -> cosine, batches (pure functions) -> credit and gradients -> report -> gradients_main.
 """
 
 from __future__ import annotations
@@ -101,7 +128,8 @@ PAPER = {"value network": "MAE 0.11; ranking near chance", "MC K=9": "MAE 0.03; 
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
-    parser = vineppo.dataclass_parser(Args, __doc__.split("\n")[0])
+    parser = vineppo.dataclass_parser(Args, __doc__.split("\n")[0], epilog="python compare_critics.py --gradients "
+                                      "runs the gradient-variance analysis instead (see --gradients --help)")
     given = vars(parser.parse_args(argv))  # only the flags the user typed
     values = {} if given.get("run") else dict(DEMO_OVERRIDES)  # a flag given on the command line still wins
     values.update(given)
@@ -495,6 +523,9 @@ def save_figures(records: list[dict], summary: dict, names: list[str], args: Arg
 # Main
 # ============================================================================================
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--gradients" in argv:  # the other analysis: how well each method's minibatch gradient points
+        return gradients_main([a for a in argv if a != "--gradients"])
     args = parse_args(argv)
     results_path = os.path.join(args.output_dir, "results.json")
     if os.path.exists(results_path) and not args.overwrite:
@@ -567,6 +598,387 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\n{len(records)} states, {len(ranked)} ranked | {timings['total_s']:.0f}s | {results_path}, "
           + ", ".join(figures))
     return results
+
+
+# ############################################################################################
+# The gradient-variance analysis: `python compare_critics.py --gradients`
+# ############################################################################################
+@dataclass
+class GradientArgs:
+    runs: str = ""
+    """comma-separated `vineppo.py --critic value` output directories to analyse; empty: train one per --chain-lengths"""
+    chain_lengths: str = "3-5,7-9"
+    """without --runs: the built-in task's chain lengths ('MIN-MAX'), one SFT policy and warmed-up critic each"""
+    sft_epochs: str = "-1,4"
+    """without --runs: SFT epochs per chain length (-1 = the demo's); each after the first continues the previous policy"""
+    output_dir: str = "runs/gradient-variance"
+    """where results.json, gradients.png (and, without --runs, the training runs run-<chain length>/) go"""
+    overwrite: bool = False
+    """allow writing into an output directory that already holds results"""
+    reference_problems: int = 128
+    """training problems of the reference gradient, none of them in the pool"""
+    reference_samples: int = 4
+    """responses per reference problem"""
+    reference_k: int = 16
+    """MC rollouts per state of the reference's advantages"""
+    pool_problems: int = 64
+    """training problems of the pool that batches are drawn from"""
+    samples_per_problem: int = 8
+    """responses per pool problem: the groups of GRPO and RLOO (paper: 8)"""
+    mc_k: str = "1,3,9"
+    """K of the Monte Carlo methods; the largest K fresh rollouts per state, the smaller K their first ones"""
+    batch_sizes: str = "16,32,64,128"
+    """minibatch sizes B, each a multiple of --samples-per-problem (a batch is B / that whole groups)"""
+    yardstick_batch: int = 32
+    """the report gives the B each method needs to reach the mean cosine of the largest-K MC at this B"""
+    batch_responses: int = 512
+    """batches per method and B: this many responses / B, at least 8"""
+    seed: int = 0
+    """seed for python and torch (sampling) and the batches"""
+    rollout_batch_size: int = 512
+    """most sequences in one `generate` call"""
+    device: str = "auto"
+    """'auto' (cuda, then mps, then cpu), 'cpu', 'cuda' or 'mps'"""
+
+
+TOKENS_PER_OPERATION = 12  # response budget of a trained policy: a line "\n25*2=50" is 8 characters (= tokens)
+
+
+def parse_gradient_args(argv: list[str]) -> GradientArgs:
+    parser = vineppo.dataclass_parser(GradientArgs, "How well does each method's PPO minibatch gradient point?")
+    parser.prog = "compare_critics.py --gradients"
+    args = GradientArgs(**vars(parser.parse_args(argv)))
+    problems = [f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
+                for name in ("reference_problems", "reference_samples", "reference_k", "pool_problems",
+                             "samples_per_problem", "batch_responses", "rollout_batch_size") if getattr(args, name) < 1]
+    if args.reference_problems < 2:
+        problems.append("--reference-problems must be at least 2 (its two halves measure its noise)")
+    if not all(k.strip().isdigit() and int(k) > 0 for k in args.mc_k.split(",")):
+        problems.append(f"--mc-k must be positive integers separated by commas, like 1,3,9; got {args.mc_k!r}")
+    sizes = args.batch_sizes.split(",")
+    if not all(b.strip().isdigit() and int(b) > 0 and int(b) % args.samples_per_problem == 0 for b in sizes):
+        problems.append(f"--batch-sizes must be multiples of --samples-per-problem {args.samples_per_problem} "
+                        f"separated by commas, like 16,32,64,128; got {args.batch_sizes!r}")
+    else:
+        if args.yardstick_batch not in map(int, sizes):
+            problems.append(f"--yardstick-batch {args.yardstick_batch} must be one of --batch-sizes {args.batch_sizes}")
+        if max(map(int, sizes)) > args.pool_problems * args.samples_per_problem:
+            problems.append(f"--batch-sizes {args.batch_sizes}: a batch cannot be larger than the pool of "
+                            f"{args.pool_problems * args.samples_per_problem} responses; raise --pool-problems")
+    for length in args.chain_lengths.split(",") if not args.runs else []:
+        try:
+            vineppo.parse_chain_length(length)
+        except ValueError:
+            problems.append(f"--chain-lengths takes 'MIN-MAX' or 'N' separated by commas, like 3-5,10-12; got {length!r}")
+    try:
+        epochs = [float(e) for e in args.sft_epochs.split(",")]
+    except ValueError:
+        epochs = []
+    if not args.runs and len(epochs) != len(args.chain_lengths.split(",")):
+        problems.append(f"--sft-epochs needs one number per chain length ({args.chain_lengths}); got {args.sft_epochs!r}")
+    for run in args.runs.split(",") if args.runs else []:
+        if not os.path.isdir(os.path.join(run, "final", "value")):
+            problems.append(f"--runs {run} has no final/value/: give output directories of finished "
+                            f"`vineppo.py --critic value` runs")
+    if problems:
+        sys.exit("error: " + "; ".join(problems))
+    return args
+
+
+def batch_sizes(args: GradientArgs) -> list[int]:
+    return sorted({int(b) for b in args.batch_sizes.split(",")})
+
+
+def mean_length(chain_length: str) -> float:
+    return sum(vineppo.parse_chain_length(chain_length)) / 2
+
+
+def training_argv(i: int, args: GradientArgs, previous_run: str = "") -> list[str]:
+    """A `--critic value` run with no RL: SFT, then the critic trained alone on the SFT policy's rollouts
+    (--critic-warmup), all with the demo's settings (vineppo.TINY_DEMO_OVERRIDES). The first chain length is the
+    demo's run from scratch; each later one continues SFT from the previous run's policy (from scratch, the
+    tiny model does not learn to track 10 operations in minutes), and its tutor slips less often per step, so
+    that a solution holds as many slips on average as on the first chain length. Long chains get a longer
+    response budget."""
+    lengths, epochs = args.chain_lengths.split(","), args.sft_epochs.split(",")
+    budget = max(vineppo.TINY_DEMO_OVERRIDES["max_new_tokens"], TOKENS_PER_OPERATION * vineppo.parse_chain_length(lengths[i])[1])
+    slip_rate = vineppo.Args.slip_rate * mean_length(lengths[0]) / mean_length(lengths[i])
+    argv = ["--critic", "value", "--iterations", "0", "--chain-length", lengths[i], "--slip-rate", f"{slip_rate:.3g}",
+            "--eval-problems", "128", "--seed", str(args.seed)]
+    if previous_run:  # not `tiny`: the demo's settings are given as flags, then ours
+        argv = ["--model", os.path.join(previous_run, "final"), "--task", "arith"] + [
+            f for name, value in vineppo.TINY_DEMO_OVERRIDES.items() for f in (f"--{name.replace('_', '-')}", str(value))
+        ] + argv
+    return argv + ["--max-new-tokens", str(budget)] + (["--sft-epochs", epochs[i]] if float(epochs[i]) >= 0 else [])
+
+
+# --- pure functions: the cosine, batches, the batch size a method needs ----------------------
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """cos(a, b) = a.b / (|a| |b|); 0 when either is zero (a batch whose advantages are all equal, e.g. GRPO
+    on groups that all failed, moves nothing: it points nowhere).
+
+    >>> cosine(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0]))
+    0.7071067811865475
+    """
+    a, b = a.double(), b.double()
+    norms = a.norm() * b.norm()
+    return (a @ b / norms).item() if norms > 0 else 0.0
+
+
+def draw_batches(groups: list[list[int]], batch_size: int, n_batches: int, seed: int) -> list[list[int]]:
+    """n_batches minibatches of batch_size responses, each made of whole groups (all samples of a problem, as
+    an iteration samples them: batch_size / group size problems), distinct groups within a batch, drawn anew
+    for every batch (batches may share groups with each other)."""
+    size = len(groups[0])
+    if any(len(g) != size for g in groups) or batch_size % size:
+        raise ValueError(f"batch size {batch_size} is not a whole number of groups of {size}")
+    if batch_size // size > len(groups):
+        raise ValueError(f"batch size {batch_size} needs {batch_size // size} groups; the pool has {len(groups)}")
+    rng = random.Random(seed)
+    return [[row for group in rng.sample(groups, batch_size // size) for row in group] for _ in range(n_batches)]
+
+
+def batch_size_needed(sizes: list[int], cosines: list[float], target: float) -> float:
+    """The smallest batch size whose mean cosine reaches `target`, linear in log B between the grid points
+    around the first crossing; sizes[0] if it is reached there already, inf if never.
+
+    >>> batch_size_needed([16, 32, 64, 128], [0.2, 0.3, 0.5, 0.6], target=0.4)  # halfway from 32 to 64 in log B
+    45.254833995939045
+    """
+    for i, (size, value) in enumerate(zip(sizes, cosines)):
+        if value >= target:
+            if i == 0:
+                return float(size)
+            fraction = (target - cosines[i - 1]) / (value - cosines[i - 1])
+            return math.exp(math.log(sizes[i - 1]) + fraction * (math.log(size) - math.log(sizes[i - 1])))
+    return math.inf
+
+
+def spread(values: list[float]) -> dict:
+    """Mean, standard deviation, standard error of the mean and the middle 95% of the batches' cosines."""
+    ordered, n = sorted(values), len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, n - 1))
+    return {"mean": mean, "std": std, "se": std / math.sqrt(n), "n": n,
+            "range95": (ordered[int(0.025 * (n - 1))], ordered[math.ceil(0.975 * (n - 1))])}
+
+
+def format_needed(needed: float, sizes: list[int]) -> str:
+    return f">{sizes[-1]}" if math.isinf(needed) else f"<={sizes[0]}" if needed == sizes[0] else f"{needed:.0f}"
+
+
+# --- credit and gradients, exactly as vineppo.py forms them -------------------------------------
+def mc_rollout_rewards(policy, tokenizer, episodes: list, problems: list[dict], run_args, k: int, desc: str) -> dict:
+    """{state: [k rewards]}: k fresh rollouts from each of the first `state_cap` states of every response,
+    identical states once, all in one batched call: the rollouts of `assign_mc_advantages`."""
+    cap = vineppo.state_cap(run_args)
+    origin = {s: (problems[e.problem_index]["answer"], len(e.prompt_ids)) for e in episodes
+              for s in vineppo.episode_states(e, cap)}
+    return vineppo.mc_values(list(origin), k, vineppo.mc_rollout(policy, tokenizer, origin, run_args, desc=desc))[1]
+
+
+def mc_token_advantages(episodes: list, rewards: dict, k: int, cap: int | None) -> list[list[float]]:
+    """Each response's token advantages from the first k rollouts of its states, as `assign_mc_advantages`
+    forms them: V(s_i) = their mean, step advantages (past the cap V = R), each token takes its step's."""
+    out = []
+    for e in episodes:
+        values = [sum(rewards[s][:k]) / k for s in vineppo.episode_states(e, cap)]
+        out.append(vineppo.token_advantages(vineppo.step_advantages(values, e.reward, n_steps=len(e.step_starts)),
+                                            e.step_starts, len(e.response_ids)))
+    return out
+
+
+def policy_gradient(policy, batch: dict, fixed: dict, advantages: torch.Tensor, rows: list[int], run_args,
+                    device) -> torch.Tensor:
+    """The update direction of one PPO minibatch, formed exactly as `ppo_update` forms it, at ratio 1 (the
+    first minibatch of an update: fixed['logp_old'] = fixed['logp_ref'] = the policy's own log-probs):
+    `minibatch_backward` whitens the advantages over the minibatch and averages over its tokens, so this is
+    sum_t whitened(A)_t grad log pi_t / n_tokens; the KL term's gradient is 0 where pi = pi_ref, and the norm
+    clip would only rescale it (no cosine sees a scale). Returns minus the loss gradient, flat [n_params]."""
+    vineppo.minibatch_backward(policy, None, batch, fixed, advantages, None, torch.tensor(rows), run_args, device)
+    grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in policy.parameters()])
+    policy.zero_grad(set_to_none=True)
+    return -grad.cpu()
+
+
+def collated(episodes: list, tokenizer) -> dict:
+    return vineppo.collate([e.prompt_ids for e in episodes], [e.response_ids for e in episodes], tokenizer.pad_token_id)
+
+
+def sample_reference_and_pool(policy, tokenizer, problems: list[dict], run_args, args: GradientArgs):
+    """Two independent sets of responses from the policy, on disjoint problems, each with its own MC
+    rollouts: the reference (reference_samples per problem, reference_k rollouts per state) and the pool
+    (samples_per_problem per problem, max(mc_k) rollouts per state). Returns ((episodes, rollout
+    rewards), (episodes, rollout rewards))."""
+    if args.reference_problems + args.pool_problems > len(problems):
+        sys.exit(f"error: {args.reference_problems} reference + {args.pool_problems} pool problems are more than "
+                 f"the {len(problems)} training problems; ask for fewer")
+    chosen = random.Random(args.seed).sample(range(len(problems)), args.reference_problems + args.pool_problems)
+    sets = []
+    for indices, samples, k, name in [(chosen[:args.reference_problems], args.reference_samples, args.reference_k,
+                                       "reference"), (chosen[args.reference_problems:], args.samples_per_problem,
+                                                      mc_ks(args)[-1], "pool")]:
+        episodes = vineppo.sample_episodes(policy, tokenizer, problems, indices,
+                                           replace(run_args, samples_per_prompt=samples))
+        sets.append((episodes, mc_rollout_rewards(policy, tokenizer, episodes, problems, run_args, k,
+                                                  f"MC rollouts ({name})")))
+    return sets
+
+
+def analyse_policy(run_dir: str, args: GradientArgs, device) -> dict:
+    """The reference gradient, the pool's advantages by every method, and the cosine of every batch
+    gradient to the reference, for the policy and critic of one run."""
+    policy, tokenizer, value_model, run_args = load_run(run_dir, device)
+    run_args = replace(run_args, rollout_batch_size=args.rollout_batch_size)
+    train, _, _ = vineppo.load_task(run_args)  # RL samples training problems
+    cap, timings, phase = vineppo.state_cap(run_args), {}, time.time()
+    (reference, reference_rewards), (pool, pool_rewards) = sample_reference_and_pool(policy, tokenizer, train,
+                                                                                     run_args, args)
+    timings["sampling_s"] = time.time() - phase
+
+    # 1. the reference: its own gradient, and the cosine between its halves (disjoint problems) as its noise
+    phase = time.time()
+    batch = collated(reference, tokenizer)
+    fixed = vineppo.precompute(policy, policy, None, batch, run_args, device)  # pi_old = pi_ref = pi: ratio 1
+    advantages = vineppo.right_aligned(mc_token_advantages(reference, reference_rewards, args.reference_k, cap),
+                                       batch["response_mask"].shape[1])
+    half = args.reference_problems // 2 * args.reference_samples
+    rows = list(range(len(reference)))
+    reference_gradient, first, second = (policy_gradient(policy, batch, fixed, advantages, r, run_args, device)
+                                         for r in (rows, rows[:half], rows[half:]))
+    halves = cosine(first, second)
+
+    # 2. the pool's advantages: MC with K = 1, 3, 9, and the toggle itself for the critic, GRPO and RLOO
+    batch = collated(pool, tokenizer)
+    fixed = vineppo.precompute(policy, policy, value_model, batch, run_args, device)
+    width = batch["response_mask"].shape[1]
+    methods = {f"MC K={k}": vineppo.right_aligned(mc_token_advantages(pool, pool_rewards, k, cap), width)
+               for k in mc_ks(args)}
+    credit_stats = {}
+    for critic, name in (("value", "value network"), ("grpo", "GRPO"), ("rloo", "RLOO")):
+        methods[name], _, credit_stats[name] = vineppo.assign_credit(pool, batch, fixed, policy, tokenizer, train,
+                                                                     replace(run_args, critic=critic))
+    timings["reference_and_credit_s"] = time.time() - phase
+
+    # 3. batches of whole groups, the same batches for every method; and the whole pool as one batch
+    phase = time.time()
+    whole_pool = {name: cosine(policy_gradient(policy, batch, fixed, adv, list(range(len(pool))), run_args, device),
+                               reference_gradient) for name, adv in methods.items()}
+    groups = [list(range(g * args.samples_per_problem, (g + 1) * args.samples_per_problem))
+              for g in range(args.pool_problems)]
+    cosines = {name: {} for name in methods}
+    for size in batch_sizes(args):
+        draws = draw_batches(groups, size, max(8, args.batch_responses // size), seed=args.seed + size)
+        for rows in tqdm(draws, desc=f"batch gradients, B={size}", leave=False):
+            for name, adv in methods.items():
+                g = policy_gradient(policy, batch, fixed, adv, rows, run_args, device)
+                cosines[name].setdefault(size, []).append(cosine(g, reference_gradient))
+    timings["batch_gradients_s"] = time.time() - phase
+
+    summary = {name: {size: spread(values) for size, values in by_size.items()} for name, by_size in cosines.items()}
+    yardstick = f"MC K={mc_ks(args)[-1]}"  # VinePPO with the paper's K = 9 by default
+    target = summary[yardstick][args.yardstick_batch]["mean"]
+    needed = {name: batch_size_needed(batch_sizes(args), [summary[name][b]["mean"] for b in batch_sizes(args)], target)
+              for name in methods}
+    paired = {name: spread([a - b for a, b in zip(cosines[name][args.yardstick_batch], cosines[yardstick][args.yardstick_batch])])
+              for name in methods}  # the same batches: the difference to the yardstick is much less noisy
+    return {"run": run_dir, "chain_length": run_args.chain_length, "task": run_args.task,
+            "pool": {"responses": len(pool), "mean_reward": sum(e.reward for e in pool) / len(pool),
+                     "mean_tokens": sum(len(e.response_ids) for e in pool) / len(pool),
+                     "mean_steps": sum(len(e.step_starts) for e in pool) / len(pool),
+                     "states": len(pool_rewards), "critic_explained_variance":
+                     credit_stats["value network"]["value/explained_variance"]},
+            "reference": {"responses": len(reference), "k": args.reference_k, "states": len(reference_rewards),
+                          "mean_reward": sum(e.reward for e in reference) / len(reference), "halves_cosine": halves,
+                          "cosine_to_true_gradient": math.sqrt(2 * halves / (1 + halves)) if halves > 0 else math.nan},
+            "target": {"method": yardstick, "batch_size": args.yardstick_batch, "cosine": target},
+            "summary": summary, "batch_size_needed": {n: None if math.isinf(v) else v for n, v in needed.items()},
+            "paired_difference": paired, "whole_pool": whole_pool,
+            "cosines": cosines, "timings": timings}
+
+
+# --- report and the command -------------------------------------------------------------------
+def print_gradient_table(result: dict, args: GradientArgs) -> None:
+    sizes, ref, pool = batch_sizes(args), result["reference"], result["pool"]
+    print(f"\nChain length {result['chain_length']} ({result['run']}): pool of {pool['responses']} responses "
+          f"({args.pool_problems} problems x {args.samples_per_problem}), mean reward {pool['mean_reward']:.3f}, "
+          f"{pool['mean_steps']:.1f} steps; critic explained variance {pool['critic_explained_variance']:.3f}")
+    quality = (f"so about {ref['cosine_to_true_gradient']:.2f} to the true gradient (every cosine below is shrunk by "
+               f"that factor)" if ref["halves_cosine"] > 0 else "so it is mostly noise: read nothing below")
+    print(f"Reference: {ref['responses']} other responses, MC K={ref['k']}; cosine between its halves "
+          f"{ref['halves_cosine']:.3f}, {quality}")
+    first, target = result["summary"][next(iter(result["summary"]))], result["target"]
+    header = (f"{'method':<15}" + "".join(f"B={b} ({first[b]['n']})".ljust(17) for b in sizes) + f"{'all ' + str(pool['responses']):<9}"
+              + f"{'B needed':<10}vs {target['method']} (B={target['batch_size']})")
+    print(f"cosine of one minibatch gradient to the reference, mean +- std over (n) batches; all: the whole pool as one "
+          f"batch; B needed: to reach {target['method']}'s mean at B={target['batch_size']} ({target['cosine']:.3f}); "
+          f"then the mean difference to it on the same batches +- its standard error\n{header}\n" + "-" * len(header))
+    for name, by_size in result["summary"].items():
+        needed, paired = result["batch_size_needed"][name], result["paired_difference"][name]
+        print(f"{name:<15}" + "".join(f"{by_size[b]['mean']:6.3f} +- {by_size[b]['std']:.3f}  " for b in sizes)
+              + f"{result['whole_pool'][name]:6.3f}   " + f"{format_needed(math.inf if needed is None else needed, sizes):<10}"
+              + f"{paired['mean']:+.3f} +- {paired['se']:.3f}")
+
+
+def save_gradient_figure(results: list[dict], args: GradientArgs) -> str:
+    """Mean cosine (+- its standard error) against B on a log axis, a panel per chain length."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = batch_sizes(args)
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), squeeze=False)
+    for ax, result in zip(axes.flat, results):
+        for name, by_size in result["summary"].items():
+            ax.errorbar(sizes, [by_size[b]["mean"] for b in sizes], yerr=[by_size[b]["se"] for b in sizes],
+                        marker="o", capsize=3, label=name)
+        ax.axhline(result["target"]["cosine"], color="gray", ls="--", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(b) for b in sizes])
+        ax.set_xlabel("minibatch size B (responses)")
+        ax.set_ylabel("cosine to the reference gradient (mean +- s.e.)")
+        ax.set_title(f"chain length {result['chain_length']}", fontsize=10)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(args.output_dir, "gradients.png")
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def gradients_main(argv: list[str]) -> dict:
+    args = parse_gradient_args(argv)
+    results_path = os.path.join(args.output_dir, "results.json")
+    if os.path.exists(results_path) and not args.overwrite:
+        sys.exit(f"error: {args.output_dir} already holds results; pass --overwrite or choose another --output-dir")
+    os.makedirs(args.output_dir, exist_ok=True)
+    start, timings = time.time(), {}
+    runs = args.runs.split(",") if args.runs else []
+    for i, length in enumerate(args.chain_lengths.split(",") if not runs else []):  # a policy and critic each
+        runs.append(os.path.join(args.output_dir, f"run-{length}"))
+        if os.path.isdir(os.path.join(runs[-1], "final", "value")) and not args.overwrite:
+            sys.exit(f"error: {runs[-1]} already holds a trained run: analyse it with --runs, or pass --overwrite")
+        vineppo.main(training_argv(i, args, runs[-2] if i else "") + ["--output-dir", runs[-1], "--overwrite"])
+        timings[f"train_{length}_s"] = time.time() - start - sum(timings.values())
+    device = vineppo.pick_device(args.device)
+    results = []
+    for run in runs:
+        random.seed(args.seed)  # seeding in one place (after training, which seeds itself)
+        torch.manual_seed(args.seed)
+        results.append(analyse_policy(run, args, device))
+        print_gradient_table(results[-1], args)
+    timings["total_s"] = time.time() - start
+    try:
+        figure = save_gradient_figure(results, args)
+    except ImportError:
+        figure = None
+        print("matplotlib is not installed: no gradients.png (pip install matplotlib)")
+    out = {"args": asdict(args), "results": results, "timings": timings, "figure": figure}
+    with open(results_path, "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"\n{timings['total_s']:.0f}s | {results_path}" + (f", {figure}" if figure else ""))
+    return out
+
 
 
 if __name__ == "__main__":
