@@ -1488,9 +1488,9 @@ def check_hub_reachable(args: Args, timeout_s: float = 5.0) -> None:
 
 def load_model_and_tokenizer(args: Args, device):
     """The tiny demo model, or any causal LM by hub id / local path through `from_pretrained`. A tokenizer
-    without EOS gets one (SFT teaches it); without a pad token, EOS pads (left padding is masked). No other
-    token gets a new embedding row: a saved demo model reloads with Qwen2's tokenizer, which adds an unk
-    token the model never sees, and a new random row would change the saved model's distribution."""
+    without EOS gets one (SFT teaches it); without a pad token, EOS pads (left padding is masked). Only
+    EOS and pad get a new embedding row if they lack one: a saved demo model reloads with Qwen2's tokenizer,
+    which adds an unk token the model never sees, and a new random row would change the saved model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if args.model == "tiny":
@@ -1503,11 +1503,12 @@ def load_model_and_tokenizer(args: Args, device):
         except (OSError, ValueError) as error:
             sys.exit(f"error: could not load --model {args.model!r} ({str(error).splitlines()[0]}). Give a hub id "
                      f"you can reach, a local directory, or set HF_HUB_OFFLINE=1 to use the local cache.")
-        if tokenizer.eos_token_id is None:  # SFT teaches the EOS we add: it needs an embedding row
+        if tokenizer.eos_token_id is None:
             tokenizer.add_special_tokens({"eos_token": "<|endoftext|>"})
-            model.resize_token_embeddings(max(len(tokenizer), model.get_input_embeddings().num_embeddings))
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
+        if max(tokenizer.eos_token_id, tokenizer.pad_token_id) >= model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(len(tokenizer))  # SFT teaches EOS: it needs an embedding row
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
