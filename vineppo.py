@@ -29,6 +29,7 @@ import itertools
 import json
 import math
 import multiprocessing
+import operator
 import os
 import random
 import re
@@ -906,6 +907,7 @@ def make_sft_target(solution: str) -> str:
     return "\n" + solution + "\n"
 
 
+OPERATIONS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 SLIP_KINDS = ("mul", "carry", "borrow")  # the built-in task's tutor's habits, see `slipped_result`
 
 
@@ -951,7 +953,7 @@ def solve_chain(start: int, ops: list[tuple[str, int]], slips=None) -> tuple[str
         if kind and slips and slips(kind):
             result = slipped_result(value, sign, operand)
         else:
-            result = value + operand if sign == "+" else value - operand if sign == "-" else value * operand
+            result = OPERATIONS[sign](value, operand)
         lines.append(f"{value}{sign}{operand}={result}")
         value = result
     return "\n".join(lines) + f"\n#### {value}", value
@@ -976,7 +978,7 @@ def make_arith_problem(rng: random.Random, min_steps: int = 4, max_steps: int = 
             options.append(("*", rng.randint(2, min(9, 50 // value))))
         sign, operand = rng.choice(options)
         ops.append((sign, operand))
-        value = value + operand if sign == "+" else value - operand if sign == "-" else value * operand
+        value = OPERATIONS[sign](value, operand)
     solution, answer = solve_chain(start, ops)
     problem = f"Start at {start}: " + ", ".join(f"{sign}{operand}" for sign, operand in ops) + "."
     return {"problem": problem, "solution": solution, "answer": str(answer), "ops": ops, "start": start}
@@ -1633,10 +1635,9 @@ def warm_up_critic(run: Run, args: Args) -> dict:
         episodes = sample_episodes(run.policy, run.tokenizer, run.train, indices, args)
         batch = collate([e.prompt_ids for e in episodes], [e.response_ids for e in episodes], run.tokenizer.pad_token_id)
         fixed = precompute(run.policy, run.reference, run.value_model, batch, args, run.device)
-        mask, width = batch["response_mask"], batch["response_mask"].shape[1]
-        rewards = right_aligned([[0.0] * (len(e.response_ids) - 1) + [e.reward] for e in episodes], width)
-        _, returns = gae_advantages(rewards, fixed["values_old"], mask, gamma=args.gamma, lam=args.gae_lambda)
-        record["critic_warmup/explained_variance"] = explained_variance(fixed["values_old"], returns, mask)
+        _, returns, stats = assign_credit(episodes, batch, fixed, run.policy, run.tokenizer, run.train, args)
+        record["critic_warmup/explained_variance"] = stats["value/explained_variance"]
+        mask = batch["response_mask"]
         run.value_model.train(args.gradient_checkpointing)
         for _ in range(args.epochs):
             for minibatch in torch.randperm(len(episodes)).split(args.minibatch_size):
@@ -2042,6 +2043,9 @@ def read_metrics(run_dir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+TOKEN_KEYS = ("tokens/rollout", "tokens/mc", "tokens/critic_warmup")  # generated: responses, MC, critic warm-up
+
+
 def plot_curves(run_dirs: list[str], path: str, labels: list[str] | None = None) -> str:
     """Eval pass@1 and train reward of each run against RL iteration, wall-clock seconds of RL (after SFT
     and the first evaluation) and tokens generated (responses, Monte Carlo rollouts, the critic's warm-up
@@ -2056,7 +2060,7 @@ def plot_curves(run_dirs: list[str], path: str, labels: list[str] | None = None)
         records, tokens = read_metrics(run_dir), 0
         xs = {"iteration": [], "seconds": [], "tokens": []}
         for r in records:
-            tokens += r.get("tokens/rollout", 0) + r.get("tokens/mc", 0) + r.get("tokens/critic_warmup", 0)
+            tokens += sum(r.get(key, 0) for key in TOKEN_KEYS)
             xs["iteration"].append(r["iteration"])
             xs["seconds"].append(r.get("time/elapsed_s", 0.0))
             xs["tokens"].append(tokens)
@@ -2094,7 +2098,7 @@ def summarize_run(run_dir: str) -> dict:
             "before": evaluated[0], "after": evaluated[-1], "gain": evaluated[-1] - evaluated[0],
             "credit_ev": sum(credit) / len(credit) if credit else None,
             "seconds": records[-1].get("time/elapsed_s", 0.0) + records[0].get("time/critic_warmup_s", 0.0),
-            "tokens": sum(r.get(k, 0) for r in records for k in ("tokens/rollout", "tokens/mc", "tokens/critic_warmup"))}
+            "tokens": sum(r.get(key, 0) for r in records for key in TOKEN_KEYS)}
 
 
 def print_summary(rows: list[dict]) -> None:
