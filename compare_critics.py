@@ -44,8 +44,10 @@ gradient. Per policy (a short and a long chain):
     itself, the value network's GAE, GRPO and RLOO;
   - minibatches of B = 16..128 responses (B / 8 whole groups, the same batches for every method), each one's
     gradient formed by `vineppo.minibatch_backward` at ratio 1 (whitening over the minibatch included);
-  - the cosine to the reference, mean and spread per method and B, and the B each method needs to reach the
-    mean cosine of MC K=9 at B = 32 (interpolated in log B).
+  - the cosine to the reference, mean and spread per method and B; the whole pool as one batch (what this
+    pool allows at most); the B each method needs to reach the mean cosine of MC K=9 at B = 32 (interpolated
+    in log B); and each method's mean difference to MC K=9 on the same B = 32 batches, with its standard
+    error (pairing cancels most of the batch-to-batch noise, which is large: read it before the B needed).
 Without --runs it first trains, per chain length (3-5 and 7-9 operations), a `vineppo.py --critic value
 --iterations 0` run in run-<chain length>/: SFT, then the critic alone on the SFT policy's rollouts
 (--critic-warmup), with the demo's settings; the long chain's SFT continues from the short chain's policy
