@@ -48,12 +48,15 @@ gradient. Per policy (a short and a long chain):
     pool allows at most); the B each method needs to reach the mean cosine of MC K=9 at B = 32 (interpolated
     in log B); and each method's mean difference to MC K=9 on the same B = 32 batches, with its standard
     error (pairing cancels most of the batch-to-batch noise, which is large: read it before the B needed).
-Without --runs it first trains, per chain length (3-5 and 7-9 operations), a `vineppo.py --critic value
---iterations 0` run in run-<chain length>/: SFT, then the critic alone on the SFT policy's rollouts
-(--critic-warmup), with the demo's settings; the long chain's SFT continues from the short chain's policy
-(250 steps), and its tutor slips as often per solution (`training_argv`).
-Writes <output-dir>/results.json (every batch's cosine) and gradients.png. The default command took 713 s on
-a 2-core AMD EPYC CPU, OMP_NUM_THREADS=2, no other job running (training 193 + 151 s, analysis 110 + 255 s;
+  - and, on the same batches, the cosine of each method's gradient to the gradient those very responses give
+    with MC K = 16 credit from fresh rollouts: the error of the credit alone, without the noise of which
+    responses were sampled (which every method shares, and which dominates the cosine to the reference).
+Without --runs it first trains, per chain length (4-6 operations, the demo's task, and 8-10), a `vineppo.py
+--critic value --iterations 0` run in run-<chain length>/: SFT (the demo's, for 4-6), then the critic alone
+on the SFT policy's rollouts (--critic-warmup), with the demo's settings; the long chain's SFT continues from
+the short chain's policy (250 steps), and its tutor slips as often per solution (`training_argv`).
+Writes <output-dir>/results.json (every batch's cosine) and gradients.png. The default command took 848 s on
+a 2-core AMD EPYC CPU, OMP_NUM_THREADS=2, no other job running (training 223 + 167 s, analysis 157 + 300 s;
 the long chain's MC rollouts are the largest part); seconds depend on the CPU and thread count.
 
 The file reads top to bottom in the order the analyses run:
@@ -611,7 +614,7 @@ def main(argv: list[str] | None = None) -> dict:
 class GradientArgs:
     runs: str = ""
     """comma-separated `vineppo.py --critic value` output directories to analyse; empty: train one per --chain-lengths"""
-    chain_lengths: str = "3-5,7-9"
+    chain_lengths: str = "4-6,8-10"
     """without --runs: the built-in task's chain lengths ('MIN-MAX'), one SFT policy and warmed-up critic each"""
     sft_epochs: str = "-1,4"
     """without --runs: SFT epochs per chain length (-1 = the demo's); each after the first continues the previous policy"""
@@ -838,6 +841,8 @@ def analyse_policy(run_dir: str, args: GradientArgs, device) -> dict:
     cap, timings, phase = vineppo.state_cap(run_args), {}, time.time()
     (reference, reference_rewards), (pool, pool_rewards) = sample_reference_and_pool(policy, tokenizer, train,
                                                                                      run_args, args)
+    true_rewards = mc_rollout_rewards(policy, tokenizer, pool, train, run_args, args.reference_k,
+                                      "MC rollouts (pool, true credit)")  # fresh: shared with no method
     timings["sampling_s"] = time.time() - phase
 
     # 1. the reference: its own gradient, and the cosine between its halves (disjoint problems) as its noise
@@ -862,6 +867,7 @@ def analyse_policy(run_dir: str, args: GradientArgs, device) -> dict:
     for critic, name in (("value", "value network"), ("grpo", "GRPO"), ("rloo", "RLOO")):
         methods[name], _, credit_stats[name] = vineppo.assign_credit(pool, batch, fixed, policy, tokenizer, train,
                                                                      replace(run_args, critic=critic))
+    true_credit = vineppo.right_aligned(mc_token_advantages(pool, true_rewards, args.reference_k, cap), width)
     timings["reference_and_credit_s"] = time.time() - phase
 
     # 3. batches of whole groups, the same batches for every method; and the whole pool as one batch
@@ -870,13 +876,15 @@ def analyse_policy(run_dir: str, args: GradientArgs, device) -> dict:
                                reference_gradient) for name, adv in methods.items()}
     groups = [list(range(g * args.samples_per_problem, (g + 1) * args.samples_per_problem))
               for g in range(args.pool_problems)]
-    cosines = {name: {} for name in methods}
+    cosines, same_batch = {name: {} for name in methods}, {name: {} for name in methods}
     for size in batch_sizes(args):
         draws = draw_batches(groups, size, max(8, args.batch_responses // size), seed=args.seed + size)
         for rows in tqdm(draws, desc=f"batch gradients, B={size}", leave=False):
+            truth = policy_gradient(policy, batch, fixed, true_credit, rows, run_args, device)  # same responses
             for name, adv in methods.items():
                 g = policy_gradient(policy, batch, fixed, adv, rows, run_args, device)
                 cosines[name].setdefault(size, []).append(cosine(g, reference_gradient))
+                same_batch[name].setdefault(size, []).append(cosine(g, truth))
     timings["batch_gradients_s"] = time.time() - phase
 
     summary = {name: {size: spread(values) for size, values in by_size.items()} for name, by_size in cosines.items()}
@@ -898,7 +906,9 @@ def analyse_policy(run_dir: str, args: GradientArgs, device) -> dict:
             "target": {"method": yardstick, "batch_size": args.yardstick_batch, "cosine": target},
             "summary": summary, "batch_size_needed": {n: None if math.isinf(v) else v for n, v in needed.items()},
             "paired_difference": paired, "whole_pool": whole_pool,
-            "cosines": cosines, "timings": timings}
+            "same_batch": {name: {size: spread(values) for size, values in by_size.items()}
+                           for name, by_size in same_batch.items()},
+            "cosines": cosines, "same_batch_cosines": same_batch, "timings": timings}
 
 
 # --- report and the command -------------------------------------------------------------------
@@ -922,27 +932,35 @@ def print_gradient_table(result: dict, args: GradientArgs) -> None:
         print(f"{name:<15}" + "".join(f"{by_size[b]['mean']:6.3f} +- {by_size[b]['std']:.3f}  " for b in sizes)
               + f"{result['whole_pool'][name]:6.3f}   " + f"{format_needed(math.inf if needed is None else needed, sizes):<10}"
               + f"{paired['mean']:+.3f} +- {paired['se']:.3f}")
+    print(f"\nthe same batches, cosine of each method's gradient to the gradient those very responses give with "
+          f"MC K={ref['k']} credit (fresh rollouts): the credit's own error, without the responses' noise\n"
+          + f"{'method':<15}" + "".join(f"B={b}".ljust(17) for b in sizes))
+    for name, by_size in result["same_batch"].items():
+        print(f"{name:<15}" + "".join(f"{by_size[b]['mean']:6.3f} +- {by_size[b]['std']:.3f}  " for b in sizes))
 
 
 def save_gradient_figure(results: list[dict], args: GradientArgs) -> str:
-    """Mean cosine (+- its standard error) against B on a log axis, a panel per chain length."""
+    """Mean cosine (+- its standard error) against B on a log axis, a column per chain length: to the
+    reference (top), and to the same batch's true-credit gradient (bottom)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     sizes = batch_sizes(args)
-    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), squeeze=False)
-    for ax, result in zip(axes.flat, results):
-        for name, by_size in result["summary"].items():
-            ax.errorbar(sizes, [by_size[b]["mean"] for b in sizes], yerr=[by_size[b]["se"] for b in sizes],
-                        marker="o", capsize=3, label=name)
-        ax.axhline(result["target"]["cosine"], color="gray", ls="--", lw=0.8)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(sizes, [str(b) for b in sizes])
-        ax.set_xlabel("minibatch size B (responses)")
-        ax.set_ylabel("cosine to the reference gradient (mean +- s.e.)")
-        ax.set_title(f"chain length {result['chain_length']}", fontsize=10)
-        ax.legend(fontsize=8)
+    fig, axes = plt.subplots(2, len(results), figsize=(5.5 * len(results), 8), squeeze=False)
+    for column, result in enumerate(results):
+        for ax, key, label in ((axes[0, column], "summary", "cosine to the reference gradient"),
+                               (axes[1, column], "same_batch", "cosine to the same batch, true credit")):
+            for name, by_size in result[key].items():
+                ax.errorbar(sizes, [by_size[b]["mean"] for b in sizes], yerr=[by_size[b]["se"] for b in sizes],
+                            marker="o", capsize=3, label=name)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(sizes, [str(b) for b in sizes])
+            ax.set_xlabel("minibatch size B (responses)")
+            ax.set_ylabel(f"{label} (mean +- s.e.)", fontsize=9)
+            ax.set_title(f"chain length {result['chain_length']}", fontsize=10)
+            ax.legend(fontsize=8)
+        axes[0, column].axhline(result["target"]["cosine"], color="gray", ls="--", lw=0.8)
     fig.tight_layout()
     path = os.path.join(args.output_dir, "gradients.png")
     fig.savefig(path, dpi=90)

@@ -250,5 +250,31 @@ def test_tiny_end_to_end_run(tmp_path, tok, text_rewards):
     assert all(-1 <= c <= 1 for c in result["whole_pool"].values())
     assert -1 <= result["reference"]["halves_cosine"] <= 1 and result["pool"]["responses"] == 8
     assert (out / "gradients.png").stat().st_size > 1000
+    assert list(result["same_batch"]) == methods and all(
+        len(result["same_batch_cosines"][n][b]) == len(result["cosines"][n][b]) for n in methods for b in ("2", "4"))
     with pytest.raises(SystemExit, match="already holds results"):
         cc.main(flags)
+
+
+def test_same_batch_true_credit_is_fresh_rollouts_of_the_pool_states(monkeypatch, tmp_path, tok, text_rewards):
+    """If a state's rollouts all score the same (a reward fixed by the state), MC credit with any K is the
+    true credit, so its batch gradients are the true-credit ones: same-batch cosine exactly 1; the response-
+    level methods are not. And the true credit's rollouts are a call of their own, K = --reference-k, on
+    the pool's states (none of the reference's)."""
+    tiny_saved_run(tmp_path, tok)
+    calls, real = [], cc.mc_rollout_rewards
+
+    def by_state(policy, tokenizer, episodes, problems, run_args, k, desc):
+        rewards = real(policy, tokenizer, episodes, problems, run_args, 1, desc)  # the states, as training's
+        calls.append((desc, k, set(rewards)))
+        return {s: [float(sum(s) % 3 == 0)] * k for s in rewards}
+    monkeypatch.setattr(cc, "mc_rollout_rewards", by_state)
+    args = cc.GradientArgs(reference_problems=4, reference_samples=2, reference_k=4, pool_problems=4,
+                           samples_per_problem=2, mc_k="1,3", batch_sizes="2,4", yardstick_batch=2, batch_responses=16,
+                           output_dir=str(tmp_path / "out"))
+    result = cc.analyse_policy(str(tmp_path / "run"), args, "cpu")
+    (_, _, ref_states), (_, _, pool_states), (desc, k, true_states) = calls
+    assert "true credit" in desc and k == 4 and true_states == pool_states and not true_states & ref_states
+    for name in ("MC K=1", "MC K=3"):
+        assert all(c == pytest.approx(1.0) for b in (2, 4) for c in result["same_batch_cosines"][name][b])
+    assert min(c for b in (2, 4) for c in result["same_batch_cosines"]["GRPO"][b]) < 0.999
