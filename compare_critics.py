@@ -46,8 +46,8 @@ gradient. Per policy (a short and a long chain):
     gradient formed by `vineppo.minibatch_backward` at ratio 1 (whitening over the minibatch included);
   - the cosine to the reference, mean and spread per method and B; the whole pool as one batch (what this
     pool allows at most); the B each method needs to reach the mean cosine of MC K=9 at B = 32 (interpolated
-    in log B); and each method's mean difference to MC K=9 on the same B = 32 batches, with its standard
-    error (pairing cancels most of the batch-to-batch noise, which is large: read it before the B needed).
+    in log B); and, per B, each method's mean difference to MC K=9 on the same batches, with its standard
+    error (pairing cancels most of the batch-to-batch noise, which is large: read it before the B needed);
   - and, on the same batches, the cosine of each method's gradient to the gradient those very responses give
     with MC K = 16 credit from fresh rollouts: the error of the credit alone, without the noise of which
     responses were sampled (which every method shares, and which dominates the cosine to the reference).
@@ -892,8 +892,8 @@ def analyse_policy(run_dir: str, args: GradientArgs, device) -> dict:
     target = summary[yardstick][args.yardstick_batch]["mean"]
     needed = {name: batch_size_needed(batch_sizes(args), [summary[name][b]["mean"] for b in batch_sizes(args)], target)
               for name in methods}
-    paired = {name: spread([a - b for a, b in zip(cosines[name][args.yardstick_batch], cosines[yardstick][args.yardstick_batch])])
-              for name in methods}  # the same batches: the difference to the yardstick is much less noisy
+    paired = {name: {size: spread([a - b for a, b in zip(by_size[size], cosines[yardstick][size])]) for size in by_size}
+              for name, by_size in cosines.items()}  # the same batches: the difference to the yardstick is much less noisy
     return {"run": run_dir, "chain_length": run_args.chain_length, "task": run_args.task,
             "pool": {"responses": len(pool), "mean_reward": sum(e.reward for e in pool) / len(pool),
                      "mean_tokens": sum(len(e.response_ids) for e in pool) / len(pool),
@@ -922,21 +922,24 @@ def print_gradient_table(result: dict, args: GradientArgs) -> None:
     print(f"Reference: {ref['responses']} other responses, MC K={ref['k']}; cosine between its halves "
           f"{ref['halves_cosine']:.3f}, {quality}")
     first, target = result["summary"][next(iter(result["summary"]))], result["target"]
-    header = (f"{'method':<15}" + "".join(f"B={b} ({first[b]['n']})".ljust(17) for b in sizes) + f"{'all ' + str(pool['responses']):<9}"
-              + f"{'B needed':<10}vs {target['method']} (B={target['batch_size']})")
+    header = (f"{'method':<15}" + "".join(f"B={b} ({first[b]['n']})".ljust(17) for b in sizes)
+              + f"{'all ' + str(pool['responses']):<9}B needed")
     print(f"cosine of one minibatch gradient to the reference, mean +- std over (n) batches; all: the whole pool as one "
-          f"batch; B needed: to reach {target['method']}'s mean at B={target['batch_size']} ({target['cosine']:.3f}); "
-          f"then the mean difference to it on the same batches +- its standard error\n{header}\n" + "-" * len(header))
+          f"batch; B needed: to reach {target['method']}'s mean at B={target['batch_size']} ({target['cosine']:.3f})"
+          f"\n{header}\n" + "-" * len(header))
     for name, by_size in result["summary"].items():
-        needed, paired = result["batch_size_needed"][name], result["paired_difference"][name]
+        needed = result["batch_size_needed"][name]
         print(f"{name:<15}" + "".join(f"{by_size[b]['mean']:6.3f} +- {by_size[b]['std']:.3f}  " for b in sizes)
-              + f"{result['whole_pool'][name]:6.3f}   " + f"{format_needed(math.inf if needed is None else needed, sizes):<10}"
-              + f"{paired['mean']:+.3f} +- {paired['se']:.3f}")
-    print(f"\nthe same batches, cosine of each method's gradient to the gradient those very responses give with "
-          f"MC K={ref['k']} credit (fresh rollouts): the credit's own error, without the responses' noise\n"
-          + f"{'method':<15}" + "".join(f"B={b}".ljust(17) for b in sizes))
-    for name, by_size in result["same_batch"].items():
-        print(f"{name:<15}" + "".join(f"{by_size[b]['mean']:6.3f} +- {by_size[b]['std']:.3f}  " for b in sizes))
+              + f"{result['whole_pool'][name]:6.3f}   " + format_needed(math.inf if needed is None else needed, sizes))
+    for key, title, spread_key in (
+            ("paired_difference", f"the same batches, minus {target['method']}'s cosine to the reference, mean +- its "
+                                  f"standard error (pairing cancels the noise the methods share)", "se"),
+            ("same_batch", f"the same batches, cosine to the gradient those very responses give with MC K={ref['k']} "
+                           f"credit (fresh rollouts), mean +- std: the credit's own error, without the responses' noise",
+             "std")):
+        print(f"\n{title}\n{'method':<15}" + "".join(f"B={b}".ljust(17) for b in sizes))
+        for name, by_size in result[key].items():
+            print(f"{name:<15}" + "".join(f"{by_size[b]['mean']:+6.3f} +- {by_size[b][spread_key]:.3f} " for b in sizes))
 
 
 def save_gradient_figure(results: list[dict], args: GradientArgs) -> str:

@@ -246,7 +246,10 @@ def test_tiny_end_to_end_run(tmp_path, tok, text_rewards):
     assert target["cosine"] == pytest.approx(result["summary"]["MC K=3"]["2"]["mean"])
     assert result["batch_size_needed"]["MC K=3"] == pytest.approx(2) or result["summary"]["MC K=3"]["2"]["mean"] < 0
     assert results["results"][0]["pool"] == result["pool"]
-    assert result["paired_difference"]["MC K=3"]["mean"] == 0 and set(result["whole_pool"]) == set(methods)
+    assert all(result["paired_difference"]["MC K=3"][b]["mean"] == 0 for b in ("2", "4"))
+    differences = [a - b for a, b in zip(result["cosines"]["GRPO"]["4"], result["cosines"]["MC K=3"]["4"])]
+    assert result["paired_difference"]["GRPO"]["4"]["mean"] == pytest.approx(sum(differences) / len(differences))
+    assert set(result["whole_pool"]) == set(methods)
     assert all(-1 <= c <= 1 for c in result["whole_pool"].values())
     assert -1 <= result["reference"]["halves_cosine"] <= 1 and result["pool"]["responses"] == 8
     assert (out / "gradients.png").stat().st_size > 1000
