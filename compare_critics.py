@@ -55,8 +55,8 @@ Without --runs it first trains, per chain length (4-6 operations, the demo's tas
 --critic value --iterations 0` run in run-<chain length>/: SFT (the demo's, for 4-6), then the critic alone
 on the SFT policy's rollouts (--critic-warmup), with the demo's settings; the long chain's SFT continues from
 the short chain's policy (250 steps), and its tutor slips as often per solution (`training_argv`).
-Writes <output-dir>/results.json (every batch's cosine) and gradients.png. The default command took 848 s on
-a 2-core AMD EPYC CPU, OMP_NUM_THREADS=2, no other job running (training 223 + 167 s, analysis 157 + 300 s;
+Writes <output-dir>/results.json (every batch's cosine) and gradients.png. The default command took 826 s on
+a 2-core AMD EPYC CPU, OMP_NUM_THREADS=2, no other job running (training 210 + 171 s, analysis 156 + 289 s;
 the long chain's MC rollouts are the largest part); seconds depend on the CPU and thread count.
 
 The file reads top to bottom in the order the analyses run:
