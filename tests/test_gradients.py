@@ -265,6 +265,7 @@ def test_same_batch_true_credit_is_fresh_rollouts_of_the_pool_states(monkeypatch
     level methods are not. And the true credit's rollouts are a call of their own, K = --reference-k, on
     the pool's states (none of the reference's)."""
     tiny_saved_run(tmp_path, tok)
+    torch.manual_seed(0)  # the same responses whatever ran before
     calls, real = [], cc.mc_rollout_rewards
 
     def by_state(policy, tokenizer, episodes, problems, run_args, k, desc):
