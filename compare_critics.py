@@ -784,14 +784,18 @@ def mc_rollout_rewards(policy, tokenizer, episodes: list, problems: list[dict], 
     return vineppo.mc_values(list(origin), k, vineppo.mc_rollout(policy, tokenizer, origin, run_args, desc=desc))[1]
 
 
-def mc_token_advantages(episodes: list, rewards: dict, k: int, cap: int | None) -> list[list[float]]:
+def mc_token_advantages(episodes: list, rewards: dict, k: int, cap: int | None,
+                        return_minus_value: bool = False) -> list[list[float]]:
     """Each response's token advantages from the first k rollouts of its states, as `assign_mc_advantages`
-    forms them: V(s_i) = their mean, step advantages (past the cap V = R), each token takes its step's."""
+    forms them: V(s_i) = their mean, step advantages (past the cap V = R), each token takes its step's.
+    return_minus_value: the critic's form instead, GAE with lambda = 1, A = R - V(s_i) for every token of
+    step i (past the cap 0): what a critic that is exact at step starts would give."""
     out = []
     for e in episodes:
         values = [sum(rewards[s][:k]) / k for s in vineppo.episode_states(e, cap)]
-        out.append(vineppo.token_advantages(vineppo.step_advantages(values, e.reward, n_steps=len(e.step_starts)),
-                                            e.step_starts, len(e.response_ids)))
+        steps = ([e.reward - v for v in values] + [0.0] * (len(e.step_starts) - len(values)) if return_minus_value
+                 else vineppo.step_advantages(values, e.reward, n_steps=len(e.step_starts)))
+        out.append(vineppo.token_advantages(steps, e.step_starts, len(e.response_ids)))
     return out
 
 
@@ -867,6 +871,9 @@ def analyse_policy(run_dir: str, args: GradientArgs, device) -> dict:
     for critic, name in (("value", "value network"), ("grpo", "GRPO"), ("rloo", "RLOO")):
         methods[name], _, credit_stats[name] = vineppo.assign_credit(pool, batch, fixed, policy, tokenizer, train,
                                                                      replace(run_args, critic=critic))
+        if critic == "value":  # the control: the critic's form, with MC K=max's values in place of the network's
+            methods[f"R - V(MC K={mc_ks(args)[-1]})"] = vineppo.right_aligned(
+                mc_token_advantages(pool, pool_rewards, mc_ks(args)[-1], cap, return_minus_value=True), width)
     true_credit = vineppo.right_aligned(mc_token_advantages(pool, true_rewards, args.reference_k, cap), width)
     timings["reference_and_credit_s"] = time.time() - phase
 
@@ -877,14 +884,18 @@ def analyse_policy(run_dir: str, args: GradientArgs, device) -> dict:
     groups = [list(range(g * args.samples_per_problem, (g + 1) * args.samples_per_problem))
               for g in range(args.pool_problems)]
     cosines, same_batch = {name: {} for name in methods}, {name: {} for name in methods}
+    truth_zero = {}  # batches whose true-credit gradient is 0 (every response right, every V = 1): no direction
     for size in batch_sizes(args):
         draws = draw_batches(groups, size, max(8, args.batch_responses // size), seed=args.seed + size)
+        truth_zero[size] = 0
         for rows in tqdm(draws, desc=f"batch gradients, B={size}", leave=False):
             truth = policy_gradient(policy, batch, fixed, true_credit, rows, run_args, device)  # same responses
+            truth_zero[size] += bool(truth.norm() == 0)
             for name, adv in methods.items():
                 g = policy_gradient(policy, batch, fixed, adv, rows, run_args, device)
                 cosines[name].setdefault(size, []).append(cosine(g, reference_gradient))
-                same_batch[name].setdefault(size, []).append(cosine(g, truth))
+                if truth.norm() > 0:
+                    same_batch[name].setdefault(size, []).append(cosine(g, truth))
     timings["batch_gradients_s"] = time.time() - phase
 
     summary = {name: {size: spread(values) for size, values in by_size.items()} for name, by_size in cosines.items()}
@@ -907,7 +918,7 @@ def analyse_policy(run_dir: str, args: GradientArgs, device) -> dict:
             "summary": summary, "batch_size_needed": {n: None if math.isinf(v) else v for n, v in needed.items()},
             "paired_difference": paired, "whole_pool": whole_pool,
             "same_batch": {name: {size: spread(values) for size, values in by_size.items()}
-                           for name, by_size in same_batch.items()},
+                           for name, by_size in same_batch.items()}, "same_batch_skipped": truth_zero,
             "cosines": cosines, "same_batch_cosines": same_batch, "timings": timings}
 
 
@@ -931,15 +942,18 @@ def print_gradient_table(result: dict, args: GradientArgs) -> None:
         needed = result["batch_size_needed"][name]
         print(f"{name:<15}" + "".join(f"{by_size[b]['mean']:6.3f} +- {by_size[b]['std']:.3f}  " for b in sizes)
               + f"{result['whole_pool'][name]:6.3f}   " + format_needed(math.inf if needed is None else needed, sizes))
+    skipped = result["same_batch_skipped"]
     for key, title, spread_key in (
             ("paired_difference", f"the same batches, minus {target['method']}'s cosine to the reference, mean +- its "
-                                  f"standard error (pairing cancels the noise the methods share)", "se"),
+                                  f"standard error (batches share the pool's groups, so it understates the noise)", "se"),
             ("same_batch", f"the same batches, cosine to the gradient those very responses give with MC K={ref['k']} "
-                           f"credit (fresh rollouts), mean +- std: the credit's own error, without the responses' noise",
+                           f"step credit (fresh rollouts), mean +- std: how far each credit is from the least noisy one; "
+                           f"batches whose gradient there is 0 left out ({', '.join(f'B={b}: {skipped[b]}' for b in sizes)})",
              "std")):
         print(f"\n{title}\n{'method':<15}" + "".join(f"B={b}".ljust(17) for b in sizes))
         for name, by_size in result[key].items():
-            print(f"{name:<15}" + "".join(f"{by_size[b]['mean']:+6.3f} +- {by_size[b][spread_key]:.3f} " for b in sizes))
+            print(f"{name:<15}" + "".join(f"{by_size[b]['mean']:+6.3f} +- {by_size[b][spread_key]:.3f}  "
+                                          if b in by_size else "(none)".ljust(17) for b in sizes))
 
 
 def save_gradient_figure(results: list[dict], args: GradientArgs) -> str:
@@ -955,7 +969,8 @@ def save_gradient_figure(results: list[dict], args: GradientArgs) -> str:
         for ax, key, label in ((axes[0, column], "summary", "cosine to the reference gradient"),
                                (axes[1, column], "same_batch", "cosine to the same batch, true credit")):
             for name, by_size in result[key].items():
-                ax.errorbar(sizes, [by_size[b]["mean"] for b in sizes], yerr=[by_size[b]["se"] for b in sizes],
+                present = [b for b in sizes if b in by_size]  # a B whose batches all have no true-credit direction: none
+                ax.errorbar(present, [by_size[b]["mean"] for b in present], yerr=[by_size[b]["se"] for b in present],
                             marker="o", capsize=3, label=name)
             ax.set_xscale("log", base=2)
             ax.set_xticks(sizes, [str(b) for b in sizes])

@@ -236,7 +236,7 @@ def test_tiny_end_to_end_run(tmp_path, tok, text_rewards):
     results = cc.main(flags)
     saved = json.loads((out / "results.json").read_text())
     (result,) = saved["results"]
-    methods = ["MC K=1", "MC K=3", "value network", "GRPO", "RLOO"]
+    methods = ["MC K=1", "MC K=3", "value network", "R - V(MC K=3)", "GRPO", "RLOO"]
     assert list(result["summary"]) == list(result["cosines"]) == methods
     for name in methods:
         assert [len(result["cosines"][name][b]) for b in ("2", "4")] == [16, 8]  # batch_responses / B, at least 8
@@ -253,17 +253,21 @@ def test_tiny_end_to_end_run(tmp_path, tok, text_rewards):
     assert all(-1 <= c <= 1 for c in result["whole_pool"].values())
     assert -1 <= result["reference"]["halves_cosine"] <= 1 and result["pool"]["responses"] == 8
     assert (out / "gradients.png").stat().st_size > 1000
-    assert list(result["same_batch"]) == methods and all(
-        len(result["same_batch_cosines"][n][b]) == len(result["cosines"][n][b]) for n in methods for b in ("2", "4"))
+    assert list(result["same_batch"]) == methods and all(  # a batch is left out where the true-credit gradient is 0
+        len(result["same_batch_cosines"][n].get(b, [])) + result["same_batch_skipped"][b] == len(result["cosines"][n][b])
+        for n in methods for b in ("2", "4"))
     with pytest.raises(SystemExit, match="already holds results"):
         cc.main(flags)
 
 
-def test_same_batch_true_credit_is_fresh_rollouts_of_the_pool_states(monkeypatch, tmp_path, tok, text_rewards):
+@pytest.mark.parametrize("true_credit_differs", [False, True])
+def test_same_batch_true_credit_is_fresh_rollouts_of_the_pool_states(monkeypatch, tmp_path, tok, text_rewards,
+                                                                     true_credit_differs):
     """If a state's rollouts all score the same (a reward fixed by the state), MC credit with any K is the
     true credit, so its batch gradients are the true-credit ones: same-batch cosine exactly 1; the response-
-    level methods are not. And the true credit's rollouts are a call of their own, K = --reference-k, on
-    the pool's states (none of the reference's)."""
+    level methods are not. If the true credit's own rollouts score otherwise, MC's cosines drop below 1: the
+    truth is built from them. They are a call of their own, K = --reference-k, on the pool's states (none of
+    the reference's)."""
     tiny_saved_run(tmp_path, tok)
     torch.manual_seed(0)  # the same responses whatever ran before
     calls, real = [], cc.mc_rollout_rewards
@@ -271,7 +275,8 @@ def test_same_batch_true_credit_is_fresh_rollouts_of_the_pool_states(monkeypatch
     def by_state(policy, tokenizer, episodes, problems, run_args, k, desc):
         rewards = real(policy, tokenizer, episodes, problems, run_args, 1, desc)  # the states, as training's
         calls.append((desc, k, set(rewards)))
-        return {s: [float(sum(s) % 3 == 0)] * k for s in rewards}
+        divisor = 2 if true_credit_differs and "true credit" in desc else 3
+        return {s: [float(sum(s) % divisor == 0)] * k for s in rewards}
     monkeypatch.setattr(cc, "mc_rollout_rewards", by_state)
     args = cc.GradientArgs(reference_problems=4, reference_samples=2, reference_k=4, pool_problems=4,
                            samples_per_problem=2, mc_k="1,3", batch_sizes="2,4", yardstick_batch=2, batch_responses=16,
@@ -279,6 +284,26 @@ def test_same_batch_true_credit_is_fresh_rollouts_of_the_pool_states(monkeypatch
     result = cc.analyse_policy(str(tmp_path / "run"), args, "cpu")
     (_, _, ref_states), (_, _, pool_states), (desc, k, true_states) = calls
     assert "true credit" in desc and k == 4 and true_states == pool_states and not true_states & ref_states
-    for name in ("MC K=1", "MC K=3"):
-        assert all(c == pytest.approx(1.0) for b in (2, 4) for c in result["same_batch_cosines"][name][b])
-    assert min(c for b in (2, 4) for c in result["same_batch_cosines"]["GRPO"][b]) < 0.999
+    mc = [c for name in ("MC K=1", "MC K=3") for b in (2, 4) for c in result["same_batch_cosines"][name][b]]
+    assert len(mc) == 2 * (8 + 8) - 2 * sum(result["same_batch_skipped"].values()) > 0
+    if true_credit_differs:
+        assert min(mc) < 0.99
+    else:
+        assert all(c == pytest.approx(1.0) for c in mc)
+        for name in ("GRPO", "RLOO", "value network", "R - V(MC K=3)"):  # other forms of credit
+            assert min(c for b in (2, 4) for c in result["same_batch_cosines"][name][b]) < 0.999
+
+
+def test_return_minus_value_is_the_critic_form_with_mc_values():
+    """Hand-made: V(s_0..s_2) = 2/3, 1/3, 0 from three rollouts each, R = 1. VinePPO's step advantages are
+    V(s_1) - V(s_0), V(s_2) - V(s_1), R - V(s_2); the critic's form is R - V(s_i) on every token of step i;
+    with a cap of 2 states the third step gets V = R, so 0 in both forms' last step past the cap."""
+    e = vineppo.Episode(0, [5, 6], [10, 11, 12, 13, 14], "", 1.0, False, steps=["a", "b", "c"], step_starts=[0, 2, 4])
+    s0, s1, s2 = vineppo.episode_states(e)
+    rewards = {s0: [1.0, 0.0, 1.0], s1: [0.0, 0.0, 1.0], s2: [0.0, 0.0, 0.0]}
+    t = 1 / 3
+    assert cc.mc_token_advantages([e], rewards, 3, None)[0] == pytest.approx([-t, -t, -t, -t, 1.0])
+    assert cc.mc_token_advantages([e], rewards, 3, None, return_minus_value=True)[0] == pytest.approx([t, t, 2 * t, 2 * t, 1.0])
+    assert cc.mc_token_advantages([e], rewards, 3, 2, return_minus_value=True)[0] == pytest.approx([t, t, 2 * t, 2 * t, 0.0])
+    assert cc.mc_token_advantages([e], rewards, 3, 2)[0] == pytest.approx([-t, -t, 2 * t, 2 * t, 0.0])
+    assert cc.mc_token_advantages([e], rewards, 1, None, return_minus_value=True)[0] == pytest.approx([0.0, 0.0, 1.0, 1.0, 1.0])
