@@ -41,23 +41,29 @@ gradient. Per policy (a short and a long chain):
     Its noise shrinks every cosine by that same factor, so the batch sizes below do not depend on it;
   - a pool of problems x 8 responses with every method's token advantages: MC with K = 1, 3, 9 (one set of
     9 rollouts per state, training's states, cap and step advantages), and, through `vineppo.assign_credit`
-    itself, the value network's GAE, GRPO and RLOO;
+    itself, the value network's GAE, GRPO and RLOO; and a control, "R - V(MC K=9)": the critic's form (GAE
+    with lambda = 1, A = R - V(s_i) on every token of step i) with MC K=9's values in place of the network's,
+    i.e. what a critic exact at step starts would give;
   - minibatches of B = 16..128 responses (B / 8 whole groups, the same batches for every method), each one's
     gradient formed by `vineppo.minibatch_backward` at ratio 1 (whitening over the minibatch included);
   - the cosine to the reference, mean and spread per method and B; the whole pool as one batch (what this
     pool allows at most); the B each method needs to reach the mean cosine of MC K=9 at B = 32 (interpolated
     in log B); and, per B, each method's mean difference to MC K=9 on the same batches, with its standard
-    error (pairing cancels most of the batch-to-batch noise, which is large: read it before the B needed);
+    error (pairing cancels most of the batch-to-batch noise, which is large: read it before the B needed;
+    batches are drawn from one pool and share its groups, so these standard errors understate the noise);
   - and, on the same batches, the cosine of each method's gradient to the gradient those very responses give
-    with MC K = 16 credit from fresh rollouts: the error of the credit alone, without the noise of which
-    responses were sampled (which every method shares, and which dominates the cosine to the reference).
+    with K = 16 step-level MC credit from fresh rollouts, the least noisy credit at hand: how far each credit
+    is from it, without the noise of which responses were sampled (which every method shares, and which
+    dominates the cosine to the reference). Not an error against a truth: even an exact critic, in GAE's
+    form, scores below 1 (the control shows how far). Batches where that gradient is 0 (every response
+    right and every value 1, say) have no direction and are left out (counted in the output).
 Without --runs it first trains, per chain length (4-6 operations, the demo's task, and 8-10), a `vineppo.py
 --critic value --iterations 0` run in run-<chain length>/: SFT (the demo's, for 4-6), then the critic alone
 on the SFT policy's rollouts (--critic-warmup), with the demo's settings; the long chain's SFT continues from
 the short chain's policy (250 steps), and its tutor slips as often per solution (`training_argv`).
-Writes <output-dir>/results.json (every batch's cosine) and gradients.png. The default command took 826 s on
-a 2-core AMD EPYC CPU, OMP_NUM_THREADS=2, no other job running (training 210 + 171 s, analysis 156 + 289 s;
-the long chain's MC rollouts are the largest part); seconds depend on the CPU and thread count.
+Writes <output-dir>/results.json (every batch's cosine) and gradients.png. The default command took 843 s on
+a 2-core AMD EPYC CPU, OMP_NUM_THREADS=2, no other job running (training 211 + 162 s, analysis 158 + 311 s;
+of the analysis, the long chain's MC rollouts are the largest part); seconds depend on the CPU and threads.
 
 The file reads top to bottom in the order the analyses run:
     Args -> metrics (pure functions) -> states and rollouts -> estimators -> ranking -> report -> main;
