@@ -964,7 +964,7 @@ def print_gradient_table(result: dict, args: GradientArgs) -> None:
 
 def save_gradient_figure(results: list[dict], args: GradientArgs) -> str:
     """Mean cosine (+- its standard error) against B on a log axis, a column per chain length: to the
-    reference (top), and to the same batch's true-credit gradient (bottom)."""
+    reference (top), and to the same batch's gradient with K = reference_k credit (bottom)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -973,7 +973,7 @@ def save_gradient_figure(results: list[dict], args: GradientArgs) -> str:
     fig, axes = plt.subplots(2, len(results), figsize=(5.5 * len(results), 8), squeeze=False)
     for column, result in enumerate(results):
         for ax, key, label in ((axes[0, column], "summary", "cosine to the reference gradient"),
-                               (axes[1, column], "same_batch", "cosine to the same batch, true credit")):
+                               (axes[1, column], "same_batch", f"cosine to the same batch, K={args.reference_k} credit")):
             for name, by_size in result[key].items():
                 present = [b for b in sizes if b in by_size]  # a B whose batches all have no true-credit direction: none
                 ax.errorbar(present, [by_size[b]["mean"] for b in present], yerr=[by_size[b]["se"] for b in present],
