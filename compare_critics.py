@@ -140,6 +140,15 @@ DEMO_OVERRIDES = dict(alternatives=8, alternatives_temperature=1.0, min_alternat
 PAPER = {"value network": "MAE 0.11; ranking near chance", "MC K=9": "MAE 0.03; top-1 70-90%"}
 
 
+def count_and_mc_k_problems(args, counts: tuple[str, ...]) -> list[str]:
+    """The flag checks both analyses share: counts that must be at least 1, and --mc-k."""
+    problems = [f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
+                for name in counts if getattr(args, name) < 1]
+    if not all(k.strip().isdigit() and int(k) > 0 for k in args.mc_k.split(",")):
+        problems.append(f"--mc-k must be positive integers separated by commas, like 1,3,9; got {args.mc_k!r}")
+    return problems
+
+
 def parse_args(argv: list[str] | None = None) -> Args:
     parser = vineppo.dataclass_parser(Args, __doc__.split("\n")[0], epilog="python compare_critics.py --gradients "
                                       "runs the gradient-variance analysis instead (see --gradients --help)")
@@ -147,15 +156,12 @@ def parse_args(argv: list[str] | None = None) -> Args:
     values = {} if given.get("run") else dict(DEMO_OVERRIDES)  # a flag given on the command line still wins
     values.update(given)
     args = Args(**values)
-    problems = [f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
-                for name in ("problems", "samples_per_problem", "k_gt", "alternatives", "ranking_states",
-                             "position_bins", "bootstrap", "rollout_batch_size") if getattr(args, name) < 1]
+    problems = count_and_mc_k_problems(args, ("problems", "samples_per_problem", "k_gt", "alternatives",
+                                              "ranking_states", "position_bins", "bootstrap", "rollout_batch_size"))
     if args.min_alternatives < 2:
         problems.append(f"--min-alternatives must be at least 2 (a ranking needs two steps), got {args.min_alternatives}")
     if args.alternatives_temperature < 0:
         problems.append(f"--alternatives-temperature must be 0 (the run's) or positive, got {args.alternatives_temperature}")
-    if not all(k.strip().isdigit() and int(k) > 0 for k in args.mc_k.split(",")):
-        problems.append(f"--mc-k must be positive integers separated by commas, like 1,3,9; got {args.mc_k!r}")
     if args.run and not os.path.isdir(os.path.join(args.run, "final", "value")):
         problems.append(f"--run {args.run} has no final/value/: give the output directory of a finished "
                         f"`vineppo.py --critic value` run")
@@ -661,13 +667,11 @@ def parse_gradient_args(argv: list[str]) -> GradientArgs:
     parser = vineppo.dataclass_parser(GradientArgs, "How well does each method's PPO minibatch gradient point?")
     parser.prog = "compare_critics.py --gradients"
     args = GradientArgs(**vars(parser.parse_args(argv)))
-    problems = [f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
-                for name in ("reference_problems", "reference_samples", "reference_k", "pool_problems",
-                             "samples_per_problem", "batch_responses", "rollout_batch_size") if getattr(args, name) < 1]
+    problems = count_and_mc_k_problems(args, ("reference_problems", "reference_samples", "reference_k",
+                                              "pool_problems", "samples_per_problem", "batch_responses",
+                                              "rollout_batch_size"))
     if args.reference_problems < 2:
         problems.append("--reference-problems must be at least 2 (its two halves measure its noise)")
-    if not all(k.strip().isdigit() and int(k) > 0 for k in args.mc_k.split(",")):
-        problems.append(f"--mc-k must be positive integers separated by commas, like 1,3,9; got {args.mc_k!r}")
     sizes = args.batch_sizes.split(",")
     if not all(b.strip().isdigit() and int(b) > 0 and int(b) % args.samples_per_problem == 0 for b in sizes):
         problems.append(f"--batch-sizes must be multiples of --samples-per-problem {args.samples_per_problem} "
@@ -896,11 +900,12 @@ def analyse_policy(run_dir: str, args: GradientArgs, device) -> dict:
         truth_zero[size] = 0
         for rows in tqdm(draws, desc=f"batch gradients, B={size}", leave=False):
             truth = policy_gradient(policy, batch, fixed, true_credit, rows, run_args, device)  # same responses
-            truth_zero[size] += bool(truth.norm() == 0)
+            has_direction = bool(truth.norm() > 0)
+            truth_zero[size] += not has_direction
             for name, adv in methods.items():
                 g = policy_gradient(policy, batch, fixed, adv, rows, run_args, device)
                 cosines[name].setdefault(size, []).append(cosine(g, reference_gradient))
-                if truth.norm() > 0:
+                if has_direction:
                     same_batch[name].setdefault(size, []).append(cosine(g, truth))
     timings["batch_gradients_s"] = time.time() - phase
 
