@@ -830,10 +830,7 @@ def resumed_args(args: Args, given: dict) -> Args:
         path = os.path.join(path, "checkpoint.pt")
     if not os.path.isfile(path):
         sys.exit(f"error: no checkpoint at {path}; give --output-dir of the run to resume or --resume FILE")
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["args"]
-    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        sys.exit(f"error: cannot read the checkpoint {path} ({type(error).__name__}); resume from another one")
+    saved = read_checkpoint(path)["args"]
     given = {**given, "model": resolve_model_name(given["model"])} if "model" in given else given  # as saved
     changed = [name for name, value in given.items() if name not in RESUME_MAY_CHANGE and value != saved.get(name)
                and not (name == "task" and value == "auto")]
@@ -1704,7 +1701,7 @@ def start_run(args: Args) -> Run:
     device = pick_device(args.device)
     check_hub_reachable(args)  # seconds, not minutes, when the hub is needed and cannot be reached
     check_output_dir(args)
-    checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False) if args.resume else None
+    checkpoint = read_checkpoint(args.resume) if args.resume else None
     train, validation, test = load_task(args)
     if args.prompts_per_iteration > len(train):
         sys.exit(f"error: --prompts-per-iteration {args.prompts_per_iteration} is more than the {len(train)} training "
@@ -1716,7 +1713,6 @@ def start_run(args: Args) -> Run:
           f"task {args.task}: {len(train)} train, {len(validation)} validation, {len(test)} test problems | "
           f"critic {args.critic} | output {args.output_dir}")
     check_prompt_lengths(policy, tokenizer, train + validation + test, args)
-    os.makedirs(args.output_dir, exist_ok=True)  # the first write: every check above has passed
     if args.sft_epochs > 0 and checkpoint is None:
         start = time.time()
         try:
@@ -1732,6 +1728,9 @@ def start_run(args: Args) -> Run:
     value_model = ValueNetwork.from_policy(policy).eval() if args.critic == "value" else None  # a copy of the start
     run = Run(tokenizer, policy, reference, value_model, *make_optimizers(policy, value_model, args),
               train, validation, test, device)
+    if checkpoint is not None:
+        restore_checkpoint(checkpoint, run, args.resume)  # refuses, before anything is written, what does not fit
+    os.makedirs(args.output_dir, exist_ok=True)  # the first write: every check above has passed
     if checkpoint is None:
         record = {"iteration": 0}
         if value_model is not None and args.critic_warmup:
@@ -1743,7 +1742,6 @@ def start_run(args: Args) -> Run:
         rewrite_metrics(args, run.history)
         save_checkpoint(args, run, 0)
     else:
-        restore_checkpoint(checkpoint, run)
         rewrite_metrics(args, run.history)  # drop records written after the checkpoint
         print(f"resumed {args.resume} after iteration {run.iteration}")
     run.start_time = time.time() - run.history[-1].get("time/elapsed_s", 0.0)  # elapsed time continues
@@ -1880,18 +1878,66 @@ def save_checkpoint(args: Args, run: Run, iteration: int) -> str:
     return path
 
 
-def restore_checkpoint(checkpoint: dict, run: Run) -> None:
-    run.policy.load_state_dict(checkpoint["policy"])
-    run.reference.load_state_dict(checkpoint["reference"])
-    if run.value_model is not None:
-        run.value_model.load_state_dict(checkpoint["value"])
-    for owner, states in [(run.optimizers, checkpoint["optimizers"]), (run.schedulers, checkpoint["schedulers"])]:
-        for item, state in zip(owner, states):
-            item.load_state_dict(state)
-    run.sampler.setstate(checkpoint["sampler"])
+# What a checkpoint holds, and the type of each entry: `read_checkpoint` refuses anything else.
+CHECKPOINT_TYPES = {"iteration": int, "args": dict, "policy": dict, "reference": dict, "value": (dict, type(None)),
+                    "optimizers": list, "schedulers": list, "rng": dict, "sampler": tuple, "history": list,
+                    "nonfinite_in_a_row": int}
+
+
+def read_checkpoint(path: str) -> dict:
+    """Load a checkpoint as plain data: weights_only=True unpickles tensors, numbers, strings and containers
+    and nothing else, so a file that carries code is refused instead of run (PyTorch's default since 2.6).
+    Anything that is not what `save_checkpoint` writes ends the run with one line; nothing is written."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # noqa: BLE001 - a damaged file and one that carries code get the same answer
+        sys.exit(f"error: cannot read {path} as a checkpoint of plain data ({type(error).__name__}: it is damaged, "
+                 f"not a checkpoint, or carries code); resume from another checkpoint or start a new run")
+    problems = checkpoint_problems(checkpoint)
+    if problems:
+        sys.exit(f"error: {path} is not a checkpoint of vineppo.py ({'; '.join(problems)}); resume from another "
+                 f"checkpoint or start a new run")
+    return checkpoint
+
+
+def checkpoint_problems(checkpoint) -> list[str]:
+    """What is missing or of the wrong type in a loaded checkpoint ([] when it has what a resume reads)."""
+    if not isinstance(checkpoint, dict):
+        return [f"it holds a {type(checkpoint).__name__}, not a dict"]
+    problems = [f"no '{key}'" if key not in checkpoint else f"'{key}' is a {type(checkpoint[key]).__name__}"
+                for key, kind in CHECKPOINT_TYPES.items() if not isinstance(checkpoint.get(key), kind)]
+    kinds = {f.name: {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}[f.type] for f in fields(Args)}
+    for name, value in (checkpoint["args"] if isinstance(checkpoint.get("args"), dict) else {}).items():
+        if name not in kinds or not isinstance(value, kinds[name]) or (isinstance(value, bool) and bool not in kinds[name]):
+            problems.append(f"setting {name!r} = {value!r} is not one of vineppo.py's")
+    for key in ("policy", "reference", "value"):
+        if isinstance(checkpoint.get(key), dict) and not all(map(torch.is_tensor, checkpoint[key].values())):
+            problems.append(f"'{key}' holds something other than tensors")
+    if isinstance(checkpoint.get("rng"), dict) and not {"python", "torch"} <= set(checkpoint["rng"]):
+        problems.append("'rng' lacks the python or torch random state")
+    return problems
+
+
+def restore_checkpoint(checkpoint: dict, run: Run, path: str) -> None:
+    """Put the run back as it was saved; weights of another shape (another model) end the run with one line."""
+    try:
+        run.policy.load_state_dict(checkpoint["policy"])
+        run.reference.load_state_dict(checkpoint["reference"])
+        if run.value_model is not None:
+            run.value_model.load_state_dict(checkpoint["value"])
+        for owner, states in [(run.optimizers, checkpoint["optimizers"]), (run.schedulers, checkpoint["schedulers"])]:
+            if len(owner) != len(states):
+                raise ValueError(f"{len(states)} optimizer or scheduler states for {len(owner)}")
+            for item, state in zip(owner, states):
+                item.load_state_dict(state)
+        run.sampler.setstate(checkpoint["sampler"])
+        set_rng_states(checkpoint["rng"])  # last: building the models above drew random numbers
+    except (RuntimeError, ValueError, TypeError, KeyError, AttributeError) as error:
+        first_line = str(error).strip().split("\n")[0][:200]
+        sys.exit(f"error: {path} does not fit this run ({type(error).__name__}: {first_line}); resume it with the "
+                 f"model and settings it was saved with, or start a new run")
     run.history, run.iteration = checkpoint["history"], checkpoint["iteration"]
-    run.nonfinite_in_a_row = checkpoint.get("nonfinite_in_a_row", 0)
-    set_rng_states(checkpoint["rng"])  # last: building the models above drew random numbers
+    run.nonfinite_in_a_row = checkpoint["nonfinite_in_a_row"]
 
 
 class StopSignals:

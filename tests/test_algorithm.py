@@ -1033,3 +1033,59 @@ def test_mc_explained_variance_compares_each_tokens_step_value_with_the_return(m
     batch = vineppo.collate([e.prompt_ids for e in episodes], [e.response_ids for e in episodes], pad_id=0)
     _, _, stats = vineppo.assign_credit(episodes, batch, {}, None, None, [], vineppo.Args(critic="mc"))
     assert stats["mc/explained_variance"] == pytest.approx(0.15)
+
+
+# ============================================================================================
+# 15. wiring that a swapped argument would break silently
+# ============================================================================================
+def test_precompute_takes_logp_old_from_the_policy_and_logp_ref_from_the_reference(tiny):
+    """pi_old's log-probs come from the policy, the KL reference's from the frozen reference: two different
+    models here, so taking either from the other model fails."""
+    tok, policy = tiny
+    with torch.random.fork_rng():
+        reference = vineppo.build_tiny_model(tok, seed=1).eval()
+    episodes = [_char_episode(tok, vineppo.make_prompt("Start at 2: +1."), "\n2+1=3\n#### 3"),
+                _char_episode(tok, vineppo.make_prompt("Start at 9: *8."), "\n9*8=72\n#### 72")]
+    batch = collate_episodes(episodes, tok.pad_token_id)
+    args = vineppo.Args(temperature=0.6, micro_batch_size=1)  # one row per micro-batch: the slicing counts too
+    fixed = vineppo.precompute(policy, reference, None, batch, args, torch.device("cpu"))
+    with torch.no_grad():
+        from_policy = vineppo.response_logprobs(policy, batch, 0.6)
+        from_reference = vineppo.response_logprobs(reference, batch, 0.6)
+    assert (from_policy - from_reference).abs().max() > 1e-3  # the two models really differ
+    assert torch.allclose(fixed["logp_old"], from_policy, atol=1e-6)
+    assert torch.allclose(fixed["logp_ref"], from_reference, atol=1e-6)
+    assert not fixed["values_old"].any()  # no critic: no values
+
+
+def test_evaluate_samples_at_the_eval_temperature(monkeypatch):
+    """pass@1 is measured at --eval-temperature (paper: 0.35), not at the training --temperature; and it is the
+    mean reward of eval_samples samples per problem."""
+    tok = vineppo.build_tiny_tokenizer()
+    seen = {}
+
+    def fake_sample(model, prefixes, budgets, **kwargs):
+        seen.update(kwargs, n=len(prefixes), budgets=set(budgets))
+        answers = ["\n#### 3", "\n#### 4", "\n#### 5", "\n#### 5"]  # right, wrong | right, right
+        return [(tok.encode(a, add_special_tokens=False) + [tok.eos_token_id], True) for a in answers]
+    monkeypatch.setattr(vineppo, "sample_continuations", fake_sample)
+    args = vineppo.Args(task="arith", temperature=0.9, eval_temperature=0.35, eval_samples=2, max_new_tokens=30)
+    problems = [{"problem": "Start at 1: +2.", "answer": "3"}, {"problem": "Start at 2: +3.", "answer": "5"}]
+    assert vineppo.evaluate(None, tok, problems, args) == pytest.approx(0.75)
+    assert seen["temperature"] == 0.35 and seen["n"] == 4 and seen["budgets"] == {30}
+
+
+def test_assign_credit_value_passes_gamma_and_lambda_to_gae_each_in_its_place():
+    """With gamma = 0.5 and lambda = 0.8 (not the paper's 1, 1), GAE over three tokens, worked by hand:
+    rewards [0, 0, 1], V [0.5, 0.25, 0.75]
+    delta_2 = 1 - 0.75 = 0.25                   A_2 = 0.25
+    delta_1 = 0.5 * 0.75 - 0.25 = 0.125         A_1 = 0.125 + 0.5 * 0.8 * 0.25 = 0.225
+    delta_0 = 0.5 * 0.25 - 0.5 = -0.375         A_0 = -0.375 + 0.5 * 0.8 * 0.225 = -0.285
+    (swapped, gamma 0.8 and lambda 0.5, A_1 would be 0.45)."""
+    e = vineppo.Episode(0, [7, 8], [4, 5, 6], "", 1.0, False, steps=["x"], step_starts=[0])
+    batch = collate_episodes([e], pad_id=0)
+    fixed = {"values_old": torch.tensor([[0.5, 0.25, 0.75]])}
+    args = vineppo.Args(critic="value", gamma=0.5, gae_lambda=0.8)
+    advantages, returns, _ = vineppo.assign_credit([e], batch, fixed, None, None, [], args)
+    assert advantages[0].tolist() == pytest.approx([-0.285, 0.225, 0.25])
+    assert returns[0].tolist() == pytest.approx([-0.285 + 0.5, 0.225 + 0.25, 0.25 + 0.75])
