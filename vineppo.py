@@ -42,8 +42,10 @@ import zlib
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from tqdm.auto import tqdm
 from packaging.version import Version
@@ -85,7 +87,9 @@ class Args:
     max_nonfinite_steps: int = 3
     """stop the run when this many optimizer steps in a row had a non-finite loss or gradient"""
     device: str = "auto"
-    """'auto' (cuda, then mps, then cpu), 'cpu', 'cuda' or 'mps'"""
+    """'auto' (cuda, then mps, then cpu), 'cpu', 'cuda' or 'mps'; under torchrun, one device per rank"""
+    dist_timeout: int = 600
+    """under torchrun: seconds a rank waits for the others before the run ends (a rank that died)"""
 
     # --- sampling (paper section 5 / appendix: 64 prompts x 8 samples, T=0.6, top_p=0.9, 1024 tokens)
     prompts_per_iteration: int = 64
@@ -412,11 +416,11 @@ def assign_mc_advantages(model, tokenizer, episodes: list[Episode], problems: li
     """VinePPO's credit: V(s_i) by Monte Carlo from the step boundaries of every response (the first `state_cap`),
     all rolled out together from pi_old before any update; then step advantages, then one advantage per token."""
     states_of = [episode_states(e, state_cap(args)) for e in episodes]
-    origin = {s: (problems[e.problem_index]["answer"], len(e.prompt_ids)) for e, states in zip(episodes, states_of)
-              for s in states}
-    counts = defaultdict(int)
-    values, per_state = mc_values([s for states in states_of for s in states], args.mc_rollouts,
-                                  mc_rollout(model, tokenizer, origin, args, counts))
+    origin = dict(every_rank([(s, (problems[e.problem_index]["answer"], len(e.prompt_ids)))
+                              for e, states in zip(episodes, states_of) for s in states]))
+    counts = defaultdict(int)  # under torchrun: every rank's states deduplicated together, rolled out in even shares
+    values, per_state = mc_values(every_rank([s for states in states_of for s in states]), args.mc_rollouts,
+                                  rank_shard_rollouts(mc_rollout(model, tokenizer, origin, args, counts)))
     for e, states in zip(episodes, states_of):
         e.step_values = [values[s] for s in states]
         step_advs = step_advantages(e.step_values, e.reward, n_steps=len(e.step_starts))
@@ -424,7 +428,7 @@ def assign_mc_advantages(model, tokenizer, episodes: list[Episode], problems: li
         assert len(e.token_advantages) == len(e.response_ids)  # one advantage per response token
     stds = [torch.tensor(r).std(unbiased=False).item() for r in per_state.values()]
     return {"tokens/mc": counts["tokens"], "mc/states": len(values), "mc/value_std": sum(stds) / len(stds),
-            "mc/truncated_frac": counts["truncated"] / max(1, len(values) * args.mc_rollouts)}
+            "mc/truncated_frac": global_sum(counts["truncated"]) / max(1, len(values) * args.mc_rollouts)}
 
 
 # ============================================================================================
@@ -576,10 +580,10 @@ def response_values(value_model, mb: dict) -> torch.Tensor:
 
 
 def masked_mean_var(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and (population) variance over the entries where mask is 1."""
-    n = mask.sum()
-    mean = (values * mask).sum() / n
-    return mean, (((values - mean) * mask) ** 2).sum() / n
+    """Mean and (population) variance over the entries where mask is 1, of every rank under torchrun."""
+    n = global_sum(mask.sum())  # global_sum: the sum over the ranks (Part II); the value itself in one process
+    mean = global_sum((values * mask).sum()) / n
+    return mean, global_sum((((values - mean) * mask) ** 2).sum()) / n
 
 
 def whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -651,9 +655,9 @@ def minibatch_backward(policy, value_model, batch: dict, fixed: dict, advantages
     """Forward and backward of one minibatch, micro-batch by micro-batch (memory only): advantages whitened
     over the minibatch, the clipped surrogate averaged over its tokens, the k3 KL to the reference summed
     per response and averaged over responses (paper appendix). Returns sums of losses and statistics."""
-    whitened = whiten(advantages[minibatch], batch["response_mask"][minibatch])  # [mb, T]
-    n_tokens = batch["response_mask"][minibatch].sum().item()
-    sums = defaultdict(float, tokens=n_tokens)
+    whitened = whiten(advantages[minibatch], batch["response_mask"][minibatch])  # [mb, T], global statistics
+    sums = defaultdict(float, tokens=batch["response_mask"][minibatch].sum().item())  # this rank's tokens
+    n_tokens, n_responses = global_sum(sums["tokens"]), global_sum(len(minibatch))  # of the whole minibatch
     for start in range(0, len(minibatch), args.micro_batch_size):
         rows = minibatch[start:start + args.micro_batch_size]
         mb = slice_batch(batch, rows, device)
@@ -662,7 +666,7 @@ def minibatch_backward(policy, value_model, batch: dict, fixed: dict, advantages
         pg_losses, stats = ppo_policy_loss(logp, fixed["logp_old"][rows, -n:].to(device),
                                            whitened[start:start + len(rows), -n:].to(device), mask, args.clip_range)
         policy_loss = pg_losses.sum() / n_tokens  # token-level mean over the minibatch
-        kl = k3_kl(logp, fixed["logp_ref"][rows, -n:].to(device), mask).sum() / len(minibatch)  # per response
+        kl = k3_kl(logp, fixed["logp_ref"][rows, -n:].to(device), mask).sum() / n_responses  # per response
         (policy_loss + args.kl_coef * kl).backward()
         for key, value in [("policy_loss", policy_loss.item()), ("kl", kl.item()), ("clipped", stats["clipped"]),
                            ("approx_kl", stats["approx_kl"]), ("ratio", stats["ratio_sum"])]:
@@ -687,9 +691,11 @@ def ppo_update(policy, value_model, optimizers, schedulers, batch: dict, fixed: 
     for model in trained:  # train() only to let gradient checkpointing run; dropout is zeroed
         model.train(args.gradient_checkpointing)
     for epoch in range(args.epochs):
-        minibatches = torch.randperm(len(batch["input_ids"])).split(args.minibatch_size)
+        minibatches = shuffled_minibatches(len(batch["input_ids"]), args.minibatch_size)  # randperm, global (Part II)
         for minibatch in tqdm(minibatches, desc=f"PPO update, epoch {epoch + 1}", leave=False):
             sums = minibatch_backward(policy, value_model, batch, fixed, advantages, returns, minibatch, args, device)
+            sums = global_sums(sums)  # under torchrun every rank's sums and gradients are added, so all ranks
+            sum_gradients(trained)  # take the same skip and non-finite decisions and the same step
             skip = sums.pop("ratio") / sums["tokens"] > 10.0  # official: loss x 0, here no step (README)
             grad_norms = [torch.nn.utils.clip_grad_norm_([p for g in o.param_groups for p in g["params"]],
                                                          args.max_grad_norm) for o in optimizers]
@@ -733,7 +739,7 @@ def main(argv: list[str] | None = None) -> dict:
             record = {"iteration": iteration}
             with clock(record, "rollout"):  # 1. sample responses from pi_old, grade them, split them into steps
                 indices = run.sampler.sample(range(len(run.train)), args.prompts_per_iteration)  # distinct problems
-                episodes = sample_episodes(run.policy, run.tokenizer, run.train, indices, args)
+                episodes = sample_episodes(run.policy, run.tokenizer, run.train, rank_share(indices), args)
             with clock(record, "credit"):  # 2. credit assignment: MC values, the critic, or the group
                 batch = collate([e.prompt_ids for e in episodes], [e.response_ids for e in episodes],
                                 run.tokenizer.pad_token_id)
@@ -1564,6 +1570,110 @@ def autocast(device: torch.device):
 
 
 # ============================================================================================
+# Several processes: `torchrun` data parallel, one device per rank (CleanRL's ppo_atari_multigpu.py)
+# ============================================================================================
+# Under torchrun every rank runs this same script on its share of each iteration's problems. The
+# settings stay global (--prompts-per-iteration, --minibatch-size): each rank samples whole groups, the Monte
+# Carlo states of all ranks are deduplicated and re-sharded evenly, and every statistic of a global minibatch
+# (the whitening's sums, the token and response counts, the losses, the ratio-skip and non-finite decisions)
+# is summed over the ranks, as are the gradients (each rank's loss is already divided by the global counts).
+# Without torchrun nothing here does anything: one process runs exactly as it always did.
+def start_distributed(args: Args) -> torch.device | None:
+    """Join torchrun's process group (NCCL on CUDA, gloo on CPU) and return this rank's device; None
+    without torchrun. Only rank 0 prints and shows progress bars."""
+    if "WORLD_SIZE" not in os.environ:
+        return None
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = args.device in ("auto", "cuda") and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=args.dist_timeout))
+    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+    if dist.get_rank() > 0:  # rank 0 speaks for all; the others' errors still reach their stderr
+        sys.stdout = open(os.devnull, "w")
+        loud = tqdm
+        globals()["tqdm"] = type("quiet_tqdm", (loud,), {"__init__": lambda self, *a, **k: loud.__init__(
+            self, *a, **{**k, "disable": True})})
+    return torch.device("cuda", local_rank) if cuda else pick_device("cpu" if args.device == "auto" else args.device)
+
+
+def rank_and_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def global_sum(x):
+    """The sum of x over every rank (a number or a tensor, returned as given); x itself in one process."""
+    if not dist.is_initialized():
+        return x
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    total = torch.as_tensor(x, dtype=torch.float64).to(device).clone()
+    dist.all_reduce(total)
+    return total.to(x.device, x.dtype) if torch.is_tensor(x) else total.item()
+
+
+def every_rank(items: list) -> list:
+    """The concatenation of every rank's list, in rank order (all_gather_object); the list itself in one process."""
+    if not dist.is_initialized():
+        return items
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part]
+
+
+def rank_share(items: list) -> list:
+    """This rank's share of a list every rank holds alike: items rank, rank + world, ... (all of it in one process)."""
+    rank, world = rank_and_world()
+    return items[rank::world]
+
+
+def rank_shard_rollouts(rollout):
+    """rollout(prefixes) -> rewards, with the prefixes split evenly in contiguous shards over the ranks (the
+    official code's load balancing of MC requests) and the rewards gathered back in order."""
+    def sharded(prefixes):
+        rank, world = rank_and_world()
+        if world == 1:
+            return rollout(prefixes)
+        bounds = [len(prefixes) * r // world for r in range(world + 1)]
+        return every_rank(rollout(prefixes[bounds[rank]:bounds[rank + 1]]))
+    return sharded
+
+
+def shuffled_minibatches(n_rows: int, size: int) -> list[torch.Tensor]:
+    """This rank's rows of each shuffled minibatch of `size` responses. One process: randperm(n_rows).split(size).
+    Under torchrun the permutation is of the global batch (rank 0's draw) and each rank keeps the rows of each
+    minibatch that it holds: the minibatches are those of one process holding the whole batch."""
+    if not dist.is_initialized():
+        return list(torch.randperm(n_rows).split(size))
+    counts = every_rank([n_rows])
+    offset = sum(counts[:dist.get_rank()])
+    permutation = [torch.randperm(sum(counts))]
+    dist.broadcast_object_list(permutation, src=0)  # rank 0's draw
+    return [rows[(rows >= offset) & (rows < offset + n_rows)] - offset for rows in permutation[0].split(size)]
+
+
+def sum_gradients(models) -> None:
+    """Sum every rank's gradients in one flat all-reduce (a rank with no rows in a minibatch adds zeros)."""
+    if not dist.is_initialized():
+        return
+    params = [p for model in models if model is not None for p in model.parameters() if p.requires_grad]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    for p, g in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = g.view_as(p).clone()
+
+
+def global_sums(sums: dict) -> dict:
+    """Every figure of a dict of sums, summed over the ranks."""
+    if not dist.is_initialized():
+        return sums
+    keys = sorted(sums)
+    totals = global_sum(torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64))
+    return defaultdict(float, zip(keys, totals.tolist()))
+
+
+
+# ============================================================================================
 # SFT warm-up, optimizers, evaluation
 # ============================================================================================
 def supervised_finetune(model, tokenizer, problems: list[dict], args: Args, device) -> float:
@@ -1582,15 +1692,18 @@ def supervised_finetune(model, tokenizer, problems: list[dict], args: Args, devi
         if len(order) < args.sft_batch_size:
             order += random.sample(range(len(problems)), len(problems))
         rows, order = order[:args.sft_batch_size], order[args.sft_batch_size:]
-        batch = collate([prompts[i] for i in rows], [targets[i] for i in rows], tokenizer.pad_token_id)
+        mine = rank_share(rows)  # under torchrun each rank takes its share of the batch
+        batch = collate([prompts[i] for i in mine], [targets[i] for i in mine], tokenizer.pad_token_id)
         loss = 0.0
-        for micro in torch.arange(len(rows)).split(args.micro_batch_size):
+        for micro in torch.arange(len(mine)).split(args.micro_batch_size):
             mb = slice_batch(batch, micro, device)
             logp = response_logprobs(model, mb, temperature=1.0)  # [rows, T], 0 at padding
             # official: the token mean of each sequence, then the mean over the batch
             micro_loss = -(logp.sum(-1) / mb["response_mask"].sum(-1)).sum() / len(rows)
             micro_loss.backward()
             loss += micro_loss.item()
+        sum_gradients([model])
+        loss = global_sum(loss)
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         optimizer.step()
         schedule.step()
@@ -1629,7 +1742,7 @@ def warm_up_critic(run: Run, args: Args) -> dict:
     picker, record, start = random.Random(args.seed + 2), {"tokens/critic_warmup": 0}, time.time()
     for i in range(args.critic_warmup):
         indices = picker.sample(range(len(run.train)), args.prompts_per_iteration)
-        episodes = sample_episodes(run.policy, run.tokenizer, run.train, indices, args)
+        episodes = sample_episodes(run.policy, run.tokenizer, run.train, rank_share(indices), args)
         batch = collate([e.prompt_ids for e in episodes], [e.response_ids for e in episodes], run.tokenizer.pad_token_id)
         fixed = precompute(run.policy, run.reference, run.value_model, batch, args, run.device)
         _, returns, stats = assign_credit(episodes, batch, fixed, run.policy, run.tokenizer, run.train, args)
@@ -1637,19 +1750,20 @@ def warm_up_critic(run: Run, args: Args) -> dict:
         mask = batch["response_mask"]
         run.value_model.train(args.gradient_checkpointing)
         for _ in range(args.epochs):
-            for minibatch in torch.randperm(len(episodes)).split(args.minibatch_size):
-                n_tokens = mask[minibatch].sum().item()
+            for minibatch in shuffled_minibatches(len(episodes), args.minibatch_size):
+                n_tokens = global_sum(mask[minibatch].sum().item())
                 for rows in minibatch.split(args.micro_batch_size):
                     mb = slice_batch(batch, rows, run.device)
                     n = mb["response_mask"].shape[1]
                     (value_loss(response_values(run.value_model, mb), fixed["values_old"][rows, -n:].to(run.device),
                                 returns[rows, -n:].to(run.device), mb["response_mask"], args.value_clip_range
                                 ).sum() / n_tokens).backward()
+                sum_gradients([run.value_model])
                 torch.nn.utils.clip_grad_norm_(run.value_model.parameters(), args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         run.value_model.eval()
-        record["tokens/critic_warmup"] += sum(len(e.response_ids) for e in episodes)
+        record["tokens/critic_warmup"] += global_sum(sum(len(e.response_ids) for e in episodes))
         print(f"critic warm-up {i + 1}/{args.critic_warmup}: explained variance of the returns, before training on "
               f"them: {record['critic_warmup/explained_variance']:.3f}")
     record["time/critic_warmup_s"] = time.time() - start
@@ -1657,16 +1771,18 @@ def warm_up_critic(run: Run, args: Args) -> dict:
 
 
 def evaluate(model, tokenizer, problems: list[dict], args: Args) -> float:
-    """pass@1: the mean accuracy of eval_samples samples per held-out problem at the eval temperature."""
-    prompts = [encode_prompt(tokenizer, p["problem"]) for p in problems]
+    """pass@1: the mean accuracy of eval_samples samples per held-out problem at the eval temperature
+    (under torchrun each rank samples its share of the problems)."""
+    mine = rank_share(problems)
+    prompts = [encode_prompt(tokenizer, p["problem"]) for p in mine]
     prefixes = [ids for ids in prompts for _ in range(args.eval_samples)]
     outputs = sample_continuations(model, prefixes, [args.max_new_tokens] * len(prefixes),
                                    eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
                                    temperature=args.eval_temperature, top_p=args.top_p,
                                    batch_size=args.rollout_batch_size, desc="evaluating")
-    rewards = [reward_of(args.task, decode_response(tokenizer, ids), ended, problems[i // args.eval_samples]["answer"])
+    rewards = [reward_of(args.task, decode_response(tokenizer, ids), ended, mine[i // args.eval_samples]["answer"])
                for i, (ids, ended) in enumerate(outputs)]
-    return sum(rewards) / len(rewards)
+    return global_sum(sum(rewards)) / (len(problems) * args.eval_samples)
 
 
 # ============================================================================================
@@ -1698,7 +1814,7 @@ def start_run(args: Args) -> Run:
     the state of the checkpoint to resume."""
     random.seed(args.seed)  # seeding in one place
     torch.manual_seed(args.seed)
-    device = pick_device(args.device)
+    device = start_distributed(args) or pick_device(args.device)  # under torchrun: this rank's device
     check_hub_reachable(args)  # seconds, not minutes, when the hub is needed and cannot be reached
     check_output_dir(args)
     checkpoint = read_checkpoint(args.resume) if args.resume else None
@@ -1721,7 +1837,8 @@ def start_run(args: Args) -> Run:
             sys.exit("interrupted during the SFT warm-up, before the first checkpoint: nothing was saved")
         print(f"SFT warm-up: {args.sft_epochs:g} epochs, final loss {loss:.3f}, {time.time() - start:.0f}s")
     random.seed(args.seed)  # RL's random stream starts from the seed whatever came before, so RL from a saved SFT
-    torch.manual_seed(args.seed)  # model (--model DIR --sft-epochs 0) repeats the RL of the run that trained it
+    torch.manual_seed(args.seed + 1_000_003 * rank_and_world()[0])  # model (--model DIR --sft-epochs 0) repeats
+    # the RL of the run that trained it; under torchrun each rank samples from a stream of its own
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     if args.offload_reference:
         reference.to("cpu")
@@ -1730,7 +1847,8 @@ def start_run(args: Args) -> Run:
               train, validation, test, device)
     if checkpoint is not None:
         restore_checkpoint(checkpoint, run, args.resume)  # refuses, before anything is written, what does not fit
-    os.makedirs(args.output_dir, exist_ok=True)  # the first write: every check above has passed
+    if rank_and_world()[0] == 0:  # under torchrun rank 0 alone writes
+        os.makedirs(args.output_dir, exist_ok=True)  # the first write: every check above has passed
     if checkpoint is None:
         record = {"iteration": 0}
         if value_model is not None and args.critic_warmup:
@@ -1762,7 +1880,7 @@ def evaluate_into(record: dict, run: Run, args: Args) -> None:
     seed that differ only in the critic evaluate the same SFT model on the same samples (pass@1 before RL is
     equal), and evaluating leaves the training's random stream untouched."""
     with clock(record, "eval"), torch.random.fork_rng(devices=[] if run.device.type == "cpu" else None):
-        torch.manual_seed(args.seed * 100_003 + record["iteration"])
+        torch.manual_seed(args.seed * 100_003 + record["iteration"] + 1_000_003 * rank_and_world()[0])
         record["eval/pass@1"] = evaluate(run.policy, run.tokenizer, run.test, args)
         if run.validation:
             record["eval/val_pass@1"] = evaluate(run.policy, run.tokenizer, run.validation, args)
@@ -1773,17 +1891,29 @@ def end_iteration(run: Run, record: dict, episodes: list[Episode], stats: dict, 
     a checkpoint every save_every iterations (and on Ctrl-C / SIGTERM, which then ends the run), the
     one-line summary and the credit view."""
     iteration = record["iteration"]
-    record.update({"tokens/rollout": sum(len(e.response_ids) for e in episodes),
-                   "train/reward_mean": sum(e.reward for e in episodes) / len(episodes),
-                   "train/truncated_frac": sum(e.truncated for e in episodes) / len(episodes),
-                   "train/steps_mean": sum(len(e.step_starts) for e in episodes) / len(episodes)}, **stats)
+    record.update(stats)
+    # this rank's sums; under torchrun summed over the ranks, with the generated tokens of the busiest rank
+    local = {"tokens/rollout": sum(len(e.response_ids) for e in episodes), "tokens/mc": stats["tokens/mc"],
+             "responses": len(episodes), "train/reward_mean": sum(e.reward for e in episodes),
+             "train/truncated_frac": sum(e.truncated for e in episodes),
+             "train/steps_mean": sum(len(e.step_starts) for e in episodes)}
+    per_rank = every_rank([local])
+    totals = {key: sum(r[key] for r in per_rank) for key in local}
+    record.update({key: value / totals["responses"] if key.startswith("train/") else value
+                   for key, value in totals.items() if key != "responses"})
+    if len(per_rank) > 1:
+        generated = [r["tokens/rollout"] + r["tokens/mc"] for r in per_rank]
+        record["balance/busiest_rank_tokens"] = max(generated) / (sum(generated) / len(generated))
+        if "group/advantage_abs" in stats:  # a mean over responses
+            record["group/advantage_abs"] = global_sum(stats["group/advantage_abs"] * len(episodes)) / totals["responses"]
     run.nonfinite_in_a_row = stats["losses/nonfinite_in_a_row"]
+    stop_now = global_sum(float(stop.received is not None)) > 0  # every rank stops after the same iteration
     if iteration % args.eval_every == 0 or iteration == args.iterations:
         evaluate_into(record, run, args)
     record["time/elapsed_s"] = time.time() - run.start_time
     log_metrics(args, record)
     run.history.append(record)
-    if stop.received or (args.save_every and iteration % args.save_every == 0) or iteration == args.iterations:
+    if stop_now or (args.save_every and iteration % args.save_every == 0) or iteration == args.iterations:
         save_checkpoint(args, run, iteration)
         run.iteration = iteration  # the last good checkpoint
     extra = (f"mc_std {record['mc/value_std']:.2f} ev {record['mc/explained_variance']:.2f}" if args.critic == "mc"
@@ -1796,20 +1926,23 @@ def end_iteration(run: Run, record: dict, episodes: list[Episode], stats: dict, 
                f"credit {record['time/credit_s']:.1f}s update {record['time/update_s']:.1f}s")
     if args.show_credit and "eval/pass@1" in record:
         print_credit(run.tokenizer, episodes, run.train, iteration, args)
-    if stop.received:
-        print(f"stopped by {signal.Signals(stop.received).name} after iteration {iteration}: checkpoint saved "
+    if stop_now:
+        signum = stop.received or signal.SIGTERM  # a rank that got no signal itself follows the others
+        print(f"stopped by {signal.Signals(signum).name} after iteration {iteration}: checkpoint saved "
               f"to {os.path.join(args.output_dir, 'checkpoint.pt')}; continue with: python vineppo.py "
-              f"--output-dir {args.output_dir} --resume", file=sys.stderr)
-        sys.exit(128 + stop.received)
+              f"--output-dir {args.output_dir} --resume", file=sys.stderr if rank_and_world()[0] == 0 else sys.stdout)
+        sys.exit(128 + signum)
 
 
 def finish_run(run: Run, args: Args) -> dict:
     """The final checkpoint (policy, tokenizer, critic, settings), curves.png and the before/after line."""
-    final = save_final(run.policy, run.tokenizer, run.value_model, args)
-    try:
-        plot_curves([args.output_dir], os.path.join(args.output_dir, "curves.png"))
-    except ImportError:
-        print("matplotlib is not installed: no curves.png (pip install matplotlib)")
+    final = os.path.join(args.output_dir, "final")
+    if rank_and_world()[0] == 0:
+        save_final(run.policy, run.tokenizer, run.value_model, args)
+        try:
+            plot_curves([args.output_dir], os.path.join(args.output_dir, "curves.png"))
+        except ImportError:
+            print("matplotlib is not installed: no curves.png (pip install matplotlib)")
     evaluated = [r["eval/pass@1"] for r in run.history if "eval/pass@1" in r]
     before, after = evaluated[0], evaluated[-1]
     print(f"pass@1 before RL {before:.3f} -> after RL {after:.3f} ({after - before:+.3f}) | "
@@ -1868,12 +2001,16 @@ def save_checkpoint(args: Args, run: Run, iteration: int) -> str:
     states, every random state, the settings and the metrics so far. Written atomically; never with NaNs."""
     if not all_finite(run.policy, run.value_model):
         raise FloatingPointError("non-finite weights: refusing to overwrite the last good checkpoint")
-    state = {"iteration": iteration, "args": asdict(args), "policy": run.policy.state_dict(),
+    rank, world = rank_and_world()
+    rank_rng = every_rank([rng_states()])  # every rank's random streams (the weights are the same on all)
+    path = os.path.join(args.output_dir, "checkpoint.pt")
+    if rank > 0:
+        return path
+    state = {"iteration": iteration, "args": asdict(args), "world_size": world, "policy": run.policy.state_dict(),
              "reference": run.reference.state_dict(), "value": run.value_model.state_dict() if run.value_model else None,
              "optimizers": [o.state_dict() for o in run.optimizers], "schedulers": [s.state_dict() for s in run.schedulers],
              "rng": rng_states(), "sampler": run.sampler.getstate(), "history": run.history,
-             "nonfinite_in_a_row": run.nonfinite_in_a_row}
-    path = os.path.join(args.output_dir, "checkpoint.pt")
+             "nonfinite_in_a_row": run.nonfinite_in_a_row, **({"rank_rng": rank_rng} if world > 1 else {})}
     write_atomically(path, lambda temporary: torch.save(state, temporary))
     return path
 
@@ -1881,7 +2018,7 @@ def save_checkpoint(args: Args, run: Run, iteration: int) -> str:
 # What a checkpoint holds, and the type of each entry: `read_checkpoint` refuses anything else.
 CHECKPOINT_TYPES = {"iteration": int, "args": dict, "policy": dict, "reference": dict, "value": (dict, type(None)),
                     "optimizers": list, "schedulers": list, "rng": dict, "sampler": tuple, "history": list,
-                    "nonfinite_in_a_row": int}
+                    "nonfinite_in_a_row": int, "world_size": int}
 
 
 def read_checkpoint(path: str) -> dict:
@@ -1915,6 +2052,10 @@ def checkpoint_problems(checkpoint) -> list[str]:
             problems.append(f"'{key}' holds something other than tensors")
     if isinstance(checkpoint.get("rng"), dict) and not {"python", "torch"} <= set(checkpoint["rng"]):
         problems.append("'rng' lacks the python or torch random state")
+    world = checkpoint.get("world_size")
+    if isinstance(world, int) and world > 1 and not (isinstance(checkpoint.get("rank_rng"), list) and
+                                                     len(checkpoint["rank_rng"]) == world):
+        problems.append("'rank_rng' does not hold one random state per rank")
     return problems
 
 
@@ -1931,7 +2072,12 @@ def restore_checkpoint(checkpoint: dict, run: Run, path: str) -> None:
             for item, state in zip(owner, states):
                 item.load_state_dict(state)
         run.sampler.setstate(checkpoint["sampler"])
-        set_rng_states(checkpoint["rng"])  # last: building the models above drew random numbers
+        rank, world = rank_and_world()
+        if checkpoint.get("world_size", 1) != world:
+            sys.exit(f"error: {path} was saved by {checkpoint.get('world_size', 1)} process(es), this run has {world}; "
+                     f"resume it with torchrun --nproc-per-node {checkpoint.get('world_size', 1)} (or without torchrun for 1)")
+        set_rng_states(checkpoint["rank_rng"][rank] if world > 1 else checkpoint["rng"])  # last: building the
+        # models above drew random numbers
     except (RuntimeError, ValueError, TypeError, KeyError, AttributeError) as error:
         first_line = str(error).strip().split("\n")[0][:200]
         sys.exit(f"error: {path} does not fit this run ({type(error).__name__}: {first_line}); resume it with the "
@@ -1951,6 +2097,8 @@ class StopSignals:
             self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def handle(self, signum, frame):
+        if self.received is not None and dist.is_initialized():
+            return  # torchrun forwards the terminal's Ctrl-C that this rank got too: the same stop, not a second
         if self.received is not None:
             print(f"\n{signal.Signals(signum).name} again: exiting now", file=sys.stderr, flush=True)
             os._exit(128 + signum)
@@ -1987,12 +2135,16 @@ def save_final(policy, tokenizer, value_model, args: Args) -> str:
 
 
 def log_metrics(args: Args, record: dict) -> None:
+    if rank_and_world()[0] > 0:
+        return
     with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
 
 
 def rewrite_metrics(args: Args, history: list[dict]) -> None:
     """metrics.jsonl holds exactly the records of `history` (a resumed run drops what came after its checkpoint)."""
+    if rank_and_world()[0] > 0:
+        return
     def write(temporary):
         with open(temporary, "w") as f:
             f.writelines(json.dumps(record) + "\n" for record in history)
@@ -2185,5 +2337,17 @@ def plot_command(argv: list[str]) -> str:
     return path
 
 
+def run_script() -> None:
+    """`python vineppo.py` or `torchrun ... vineppo.py`: main(), and under torchrun one line when this rank lost
+    the others (one died, or did not answer within --dist-timeout) instead of a traceback per rank."""
+    try:
+        main()
+    except (RuntimeError, dist.DistError) as error:
+        if not dist.is_initialized() or not re.search(r"gloo|nccl|NCCL|timed out|[Cc]onnection|peer", str(error)):
+            raise
+        sys.exit(f"error: rank {dist.get_rank()} lost contact with the other ranks ({str(error).strip().splitlines()[0][:160]}); "
+                 f"the last checkpoint is intact: resume with --resume once every rank can run")
+
+
 if __name__ == "__main__":
-    main()
+    run_script()

@@ -1,0 +1,123 @@
+"""torchrun data parallel (gloo on CPU, 2 processes): one update on 2 ranks, each with part of a fixed batch,
+gives the same gradients as one process with the whole batch; and the script itself under torchrun logs,
+checkpoints, stops on Ctrl-C and resumes exactly."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import vineppo  # noqa: E402
+from test_training import TINY_RUN  # noqa: E402
+
+# A worker for one rank (or the single process when WORLD_SIZE is 1): a tiny policy and critic, a fixed batch of 6
+# responses of different lengths with hand-set advantages, returns and old log-probs; one minibatch of all rows.
+# Rank 0 holds rows 0-1 (short responses), rank 1 rows 2-5 (long ones), so the halves hold different token counts.
+WORKER = textwrap.dedent('''
+    import os, sys, torch
+    sys.path.insert(0, sys.argv[1])
+    import vineppo
+    import torch.distributed as dist
+
+    world = int(os.environ["WORLD_SIZE"])
+    if world > 1:
+        dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    tok = vineppo.build_tiny_tokenizer()
+    policy = vineppo.build_tiny_model(tok, seed=0)
+    critic = vineppo.ValueNetwork.from_policy(policy)
+    g = torch.Generator().manual_seed(1)
+    prompts = [[5 + i, 6, 7] for i in range(6)]
+    responses = [[8 + (j % 20) for j in range(n)] for n in (2, 3, 7, 9, 6, 8)]
+    batch = vineppo.collate(prompts, responses, tok.pad_token_id)
+    mask = batch["response_mask"]
+    advantages = torch.randn(mask.shape, generator=g) * 2 + 0.7
+    returns = torch.rand(mask.shape, generator=g)
+    with torch.no_grad():
+        logp = vineppo.response_logprobs(policy, batch, 0.6)
+    fixed = {"logp_old": logp + 0.05 * torch.randn(mask.shape, generator=g),
+             "logp_ref": logp + 0.3 * torch.randn(mask.shape, generator=g),
+             "values_old": torch.rand(mask.shape, generator=g)}
+    rank = int(os.environ.get("RANK", 0))
+    rows = [0, 1, 2, 3, 4, 5] if world == 1 else [[0, 1], [2, 3, 4, 5]][rank]
+    width = max(len(responses[r]) for r in rows)
+    local = vineppo.collate([prompts[r] for r in rows], [responses[r] for r in rows], tok.pad_token_id)
+    pick = lambda t: t[rows][:, -width:] * local["response_mask"]
+    args = vineppo.Args(temperature=0.6, micro_batch_size=2, kl_coef=0.5, clip_range=0.2, value_clip_range=0.2)
+    sums = vineppo.minibatch_backward(policy, critic, local, {k: pick(v) for k, v in fixed.items()}, pick(advantages),
+                                      pick(returns), torch.arange(len(rows)), args, torch.device("cpu"))
+    sums = vineppo.global_sums(sums)
+    vineppo.sum_gradients([policy, critic])
+    if rank == 0:
+        grads = {"policy." + n: p.grad for n, p in policy.named_parameters()}
+        grads.update({"critic." + n: p.grad for n, p in critic.named_parameters()})
+        torch.save({"grads": grads, "sums": dict(sums)}, sys.argv[2])
+''')
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_worker(tmp_path: Path, world: int, vineppo_dir: Path = ROOT) -> dict:
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    out = tmp_path / f"grads_{world}.pt"
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world),
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    procs = [subprocess.Popen([sys.executable, str(script), str(vineppo_dir), str(out)],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stderr=subprocess.PIPE, text=True)
+             for r in range(world)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err
+    return torch.load(out, weights_only=True)
+
+
+def max_relative_difference(a: dict, b: dict) -> float:
+    largest = max(t.abs().max().item() for t in a.values())
+    return max((a[k] - b[k]).abs().max().item() for k in a) / largest
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+    """One process with the whole minibatch (there every all-reduce is the identity)."""
+    return run_worker(tmp_path_factory.mktemp("whole"), 1)
+
+
+def test_two_ranks_give_the_gradients_of_one_process_on_the_whole_minibatch(tmp_path, whole):
+    split = run_worker(tmp_path, 2)
+    assert set(whole["grads"]) == set(split["grads"])
+    assert all(g.abs().max() > 0 for k, g in whole["grads"].items() if "embed" not in k)  # everything is trained
+    for model in ("policy.", "critic."):
+        part = lambda d: {k: v for k, v in d["grads"].items() if k.startswith(model)}  # noqa: E731
+        assert max_relative_difference(part(whole), part(split)) <= 1e-6, model
+    for key in ("tokens", "policy_loss", "kl", "value_loss", "ratio", "clipped", "approx_kl"):
+        assert split["sums"][key] == pytest.approx(whole["sums"][key], rel=1e-6, abs=1e-9), key
+
+
+@pytest.mark.parametrize("planted", ["whitening per rank", "token count per rank"])
+def test_the_equivalence_test_sees_statistics_left_per_rank(tmp_path, planted, whole):
+    """The same comparison with one statistic left per rank must fail: a copy of vineppo.py with the bug."""
+    source = (ROOT / "vineppo.py").read_text()
+    old, new = {"whitening per rank": ("mean = global_sum((values * mask).sum()) / n",
+                                       "n = mask.sum()\n    mean = (values * mask).sum() / n"),
+                "token count per rank": ("n_tokens, n_responses = global_sum(sums[\"tokens\"]),",
+                                         "n_tokens, n_responses = sums[\"tokens\"],")}[planted]
+    assert source.count(old) == 1
+    (tmp_path / "vineppo.py").write_text(source.replace(old, new))
+    split = run_worker(tmp_path, 2, tmp_path)
+    policy = lambda d: {k: v for k, v in d["grads"].items() if k.startswith("policy.")}  # noqa: E731
+    assert max_relative_difference(policy(whole), policy(split)) > 1e-3
