@@ -121,3 +121,55 @@ def test_the_equivalence_test_sees_statistics_left_per_rank(tmp_path, planted, w
     split = run_worker(tmp_path, 2, tmp_path)
     policy = lambda d: {k: v for k, v in d["grads"].items() if k.startswith("policy.")}  # noqa: E731
     assert max_relative_difference(policy(whole), policy(split)) > 1e-3
+
+
+TORCHRUN_RUN = TINY_RUN[:]
+TORCHRUN_RUN[TORCHRUN_RUN.index("--iterations") + 1] = "4"
+
+
+def torchrun(*flags, cwd, **kwargs):
+    """`torchrun --nproc-per-node 2 vineppo.py FLAGS` in its own process group (as a terminal would run it)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-port", str(free_port()), str(ROOT / "vineppo.py"), *flags]
+    return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **kwargs)
+
+
+def records(path: Path) -> list[dict]:
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [{k: v for k, v in json.loads(line).items() if not k.startswith("time/")} for line in lines]
+
+
+def test_torchrun_logs_checkpoints_stops_on_ctrl_c_and_resumes_exactly(tmp_path):
+    whole = torchrun(*TORCHRUN_RUN, "--output-dir", "whole", cwd=tmp_path)
+    out, err = whole.communicate(timeout=300)
+    assert whole.returncode == 0, err
+    logged = records(tmp_path / "whole" / "metrics.jsonl")
+    assert [r["iteration"] for r in logged] == [0, 1, 2, 3, 4]  # one line per iteration: rank 0 alone writes
+    assert all("balance/busiest_rank_tokens" in r for r in logged[1:])
+    assert out.count("pass@1 before RL") == 2 and out.count("iter   1 |") == 1  # one print, the final line too
+    assert (tmp_path / "whole" / "final").is_dir() and not list((tmp_path / "whole").glob("*.tmp"))
+
+    split = torchrun(*TORCHRUN_RUN, "--output-dir", "split", "--save-every", "100", cwd=tmp_path)
+    deadline = time.time() + 300
+    while len(records(tmp_path / "split" / "metrics.jsonl")) < 2 and split.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(split.pid, signal.SIGINT)  # Ctrl-C in the terminal: torchrun and both ranks get it
+    _, err = split.communicate(timeout=120)
+    # torchrun itself prints its SignalException; neither rank may print a traceback of its own
+    assert split.returncode != 0 and 'vineppo.py", line' not in err, err
+    assert err.count("continue with: python vineppo.py --output-dir split --resume") == 1, err
+    checkpoint = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
+    stopped_at = checkpoint["iteration"]
+    assert 1 <= stopped_at < 4 and checkpoint["world_size"] == 2 and len(checkpoint["rank_rng"]) == 2
+    assert [r["iteration"] for r in records(tmp_path / "split" / "metrics.jsonl")] == list(range(stopped_at + 1))
+
+    one = subprocess.run([sys.executable, str(ROOT / "vineppo.py"), "--output-dir", "split", "--resume"], cwd=tmp_path,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    assert one.returncode != 0 and "saved by 2 process(es), this run has 1" in one.stderr.strip().splitlines()[-1]
+
+    again = torchrun("--output-dir", "split", "--resume", cwd=tmp_path)
+    _, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err
+    assert records(tmp_path / "split" / "metrics.jsonl") == logged  # as if it had never stopped
