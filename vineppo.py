@@ -1837,12 +1837,13 @@ def start_run(args: Args) -> Run:
             sys.exit("interrupted during the SFT warm-up, before the first checkpoint: nothing was saved")
         print(f"SFT warm-up: {args.sft_epochs:g} epochs, final loss {loss:.3f}, {time.time() - start:.0f}s")
     random.seed(args.seed)  # RL's random stream starts from the seed whatever came before, so RL from a saved SFT
-    torch.manual_seed(args.seed + 1_000_003 * rank_and_world()[0])  # model (--model DIR --sft-epochs 0) repeats
-    # the RL of the run that trained it; under torchrun each rank samples from a stream of its own
+    torch.manual_seed(args.seed)  # model (--model DIR --sft-epochs 0) repeats the RL of the run that trained it
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     if args.offload_reference:
         reference.to("cpu")
     value_model = ValueNetwork.from_policy(policy).eval() if args.critic == "value" else None  # a copy of the start
+    if rank_and_world()[0] > 0:  # under torchrun: the same models on every rank, then a random stream of its own
+        torch.manual_seed(args.seed + 1_000_003 * rank_and_world()[0])
     run = Run(tokenizer, policy, reference, value_model, *make_optimizers(policy, value_model, args),
               train, validation, test, device)
     if checkpoint is not None:
@@ -2002,7 +2003,10 @@ def save_checkpoint(args: Args, run: Run, iteration: int) -> str:
     if not all_finite(run.policy, run.value_model):
         raise FloatingPointError("non-finite weights: refusing to overwrite the last good checkpoint")
     rank, world = rank_and_world()
-    rank_rng = every_rank([rng_states()])  # every rank's random streams (the weights are the same on all)
+    rank_rng = every_rank([rng_states()])  # every rank's random streams
+    checksums = every_rank([sum(p.double().sum().item() for m in (run.policy, run.value_model) if m is not None
+                                for p in m.parameters())] if world > 1 else [])
+    assert len(set(checksums)) <= 1, f"the ranks' weights differ: {checksums}"  # data parallel keeps them equal
     path = os.path.join(args.output_dir, "checkpoint.pt")
     if rank > 0:
         return path
@@ -2342,6 +2346,10 @@ def run_script() -> None:
     the others (one died, or did not answer within --dist-timeout) instead of a traceback per rank."""
     try:
         main()
+    except SystemExit as stop:
+        if int(os.environ.get("RANK", "0")) > 0 and isinstance(stop.code, str):
+            sys.exit(1)  # under torchrun every rank meets the same bad input: rank 0 alone says it
+        raise
     except (RuntimeError, dist.DistError) as error:
         if not dist.is_initialized() or not re.search(r"gloo|nccl|NCCL|timed out|[Cc]onnection|peer", str(error)):
             raise
