@@ -1660,15 +1660,15 @@ def sum_gradients(models) -> None:
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
     for p, g in zip(params, flat.split([g.numel() for g in grads])):
-        p.grad = g.view_as(p).clone()
+        p.grad = g.view_as(p).clone() if p.grad is None else p.grad.copy_(g.view_as(p))
 
 
 def global_sums(sums: dict) -> dict:
-    """Every figure of a dict of sums, summed over the ranks."""
+    """Every figure of a dict of sums, summed over the ranks (a figure a rank lacks counts 0 there)."""
     if not dist.is_initialized():
         return sums
-    keys = sorted(sums)
-    totals = global_sum(torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64))
+    keys = sorted(set(every_rank(list(sums))))
+    totals = global_sum(torch.tensor([float(sums.get(k, 0.0)) for k in keys], dtype=torch.float64))
     return defaultdict(float, zip(keys, totals.tolist()))
 
 

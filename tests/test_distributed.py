@@ -50,12 +50,15 @@ WORKER = textwrap.dedent('''
              "values_old": torch.rand(mask.shape, generator=g)}
     rank = int(os.environ.get("RANK", 0))
     rows = [0, 1, 2, 3, 4, 5] if world == 1 else [[0, 1], [2, 3, 4, 5]][rank]
+    if os.environ.get("SPLIT") == "all on rank 1":  # rank 0 holds rows but none of them is in this minibatch
+        rows = [[0, 1], [0, 1, 2, 3, 4, 5]][rank]
+    minibatch = torch.arange(0 if os.environ.get("SPLIT") == "all on rank 1" and rank == 0 else len(rows))
     width = max(len(responses[r]) for r in rows)
     local = vineppo.collate([prompts[r] for r in rows], [responses[r] for r in rows], tok.pad_token_id)
     pick = lambda t: t[rows][:, -width:] * local["response_mask"]
     args = vineppo.Args(temperature=0.6, micro_batch_size=2, kl_coef=0.5, clip_range=0.2, value_clip_range=0.2)
     sums = vineppo.minibatch_backward(policy, critic, local, {k: pick(v) for k, v in fixed.items()}, pick(advantages),
-                                      pick(returns), torch.arange(len(rows)), args, torch.device("cpu"))
+                                      pick(returns), minibatch, args, torch.device("cpu"))
     sums = vineppo.global_sums(sums)
     vineppo.sum_gradients([policy, critic])
     if rank == 0:
@@ -71,12 +74,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_worker(tmp_path: Path, world: int, vineppo_dir: Path = ROOT) -> dict:
+def run_worker(tmp_path: Path, world: int, vineppo_dir: Path = ROOT, split: str = "halves") -> dict:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     out = tmp_path / f"grads_{world}.pt"
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world),
-           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "SPLIT": split}
     procs = [subprocess.Popen([sys.executable, str(script), str(vineppo_dir), str(out)],
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stderr=subprocess.PIPE, text=True)
              for r in range(world)]
@@ -97,8 +100,10 @@ def whole(tmp_path_factory):
     return run_worker(tmp_path_factory.mktemp("whole"), 1)
 
 
-def test_two_ranks_give_the_gradients_of_one_process_on_the_whole_minibatch(tmp_path, whole):
-    split = run_worker(tmp_path, 2)
+@pytest.mark.parametrize("split", ["halves", "all on rank 1"])
+def test_two_ranks_give_the_gradients_of_one_process_on_the_whole_minibatch(tmp_path, whole, split):
+    """Rows 0-1 on rank 0 and 2-5 on rank 1 (different token counts), or a minibatch with no row of rank 0."""
+    split = run_worker(tmp_path, 2, split=split)
     assert set(whole["grads"]) == set(split["grads"])
     assert all(g.abs().max() > 0 for k, g in whole["grads"].items() if "embed" not in k)  # everything is trained
     for model in ("policy.", "critic."):
