@@ -1908,12 +1908,12 @@ def end_iteration(run: Run, record: dict, episodes: list[Episode], stats: dict, 
         if "group/advantage_abs" in stats:  # a mean over responses
             record["group/advantage_abs"] = global_sum(stats["group/advantage_abs"] * len(episodes)) / totals["responses"]
     run.nonfinite_in_a_row = stats["losses/nonfinite_in_a_row"]
-    stop_now = global_sum(float(stop.received is not None)) > 0  # every rank stops after the same iteration
     if iteration % args.eval_every == 0 or iteration == args.iterations:
         evaluate_into(record, run, args)
     record["time/elapsed_s"] = time.time() - run.start_time
     log_metrics(args, record)
     run.history.append(record)
+    stop_now = global_sum(float(stop.received is not None)) > 0  # every rank stops after the same iteration
     if stop_now or (args.save_every and iteration % args.save_every == 0) or iteration == args.iterations:
         save_checkpoint(args, run, iteration)
         run.iteration = iteration  # the last good checkpoint
