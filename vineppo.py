@@ -560,7 +560,7 @@ def response_logprobs(model, mb: dict, temperature: float) -> torch.Tensor:
     (so pi_old recomputed here is the distribution that was sampled from). Returns [B, T] in fp32.
     Only the sampled token's logit and the logsumexp are needed, and a large vocabulary's logits [B, T, vocab]
     would be an update's largest tensors (Qwen2.5: 4.6 GiB in fp32 at 8 x 1,024 tokens, and autograd keeps
-    copies): `logits_in_chunks` (Part II) feeds them a few positions at a time, recomputed in the backward pass."""
+    copies): `logits_in_chunks` (Part II) makes them a few positions at a time, each recomputed in the backward."""
     targets = mb["input_ids"][:, -mb["response_mask"].shape[1]:]  # [B, T]; position p predicts token p+1
 
     def logprobs(logits, targets):  # [B, t, vocab], [B, t] -> [B, t]: log softmax at the sampled tokens
@@ -1580,8 +1580,9 @@ def logits_in_chunks(model, mb: dict, targets: torch.Tensor, reduce) -> torch.Te
     backbone runs once, the LM head on the hidden states of each chunk inside `torch.utils.checkpoint`, so the
     forward keeps one chunk's logits at a time and the backward recomputes them; what autograd keeps is the
     hidden states [B, T, hidden]. The numbers are those of the full logits up to float rounding. When the
-    micro-batch's fp32 logits fit in LOGITS_CHUNK_BYTES (the demo's vocabulary), or the architecture is not
-    in PLAIN_LM_HEADS, the model's own forward gives all the logits at once, as before.
+    micro-batch's fp32 logits fit in LOGITS_CHUNK_BYTES (the demo's vocabulary: its numbers stay bit for bit
+    those of the model's forward), or the architecture is not in PLAIN_LM_HEADS, the model's own forward gives
+    all the logits at once.
 
     targets: [B, T], the response tokens (the last T columns of mb["input_ids"])."""
     rows, n = targets.shape
