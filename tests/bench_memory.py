@@ -266,7 +266,7 @@ def report(fixed: dict, sampling: float, table: dict, extra: dict, small: dict) 
     held = {"mc": f["policy_weights_kept"] + f["policy_adam_kept"] + f["reference_weights_kept"]}
     held["value"] = held["mc"] + f["critic_weights_kept"] + f["critic_adam_kept"]
     steps = {"mc": f["policy_grads_kept"] + f["policy_adam"] - f["policy_adam_kept"]}  # gradients + AdamW's temporaries
-    steps["value"] = steps["mc"] + f["critic_grads_kept"] + f["critic_adam"] - f["critic_adam_kept"]
+    steps["value"] = steps["mc"] + f["critic_grads_kept"]  # the two steps run one after the other: one's temporaries
     print(f"\nheld all along, GiB: policy weights {f['policy_weights_kept']:.2f} + AdamW states {f['policy_adam_kept']:.2f}, "
           f"reference {f['reference_weights_kept']:.2f}; critic weights {f['critic_weights_kept']:.2f} + AdamW states "
           f"{f['critic_adam_kept']:.2f}. Gradients {f['policy_grads_kept']:.2f} (critic {f['critic_grads_kept']:.2f}), "
