@@ -561,14 +561,17 @@ def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -
 
 def response_logprobs(model, mb: dict, temperature: float) -> torch.Tensor:
     """log pi(token | prefix) for every response token, from logits divided by the sampling temperature
-    (so pi_old recomputed here is the distribution that was sampled from). Returns [B, T] in fp32."""
-    n = mb["response_mask"].shape[1]
-    with autocast(mb["input_ids"].device):  # position p predicts token p+1:
-        logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
-                       position_ids=mb["position_ids"], logits_to_keep=n + 1).logits[:, :-1]  # [B, T, vocab]
-    logits = logits.float() / temperature
-    targets = mb["input_ids"][:, -n:]  # [B, T]
-    return (logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)) * mb["response_mask"]
+    (so pi_old recomputed here is the distribution that was sampled from). Returns [B, T] in fp32.
+    Only the sampled token's logit and the logsumexp are needed, and a large vocabulary's logits [B, T, vocab]
+    would be an update's largest tensors (Qwen2.5: 4.6 GiB in fp32 at 8 x 1,024 tokens, and autograd keeps
+    copies): `logits_in_chunks` (Part II) makes them a few positions at a time, each recomputed in the backward."""
+    targets = mb["input_ids"][:, -mb["response_mask"].shape[1]:]  # [B, T]; position p predicts token p+1
+
+    def logprobs(logits, targets):  # [B, t, vocab], [B, t] -> [B, t]: log softmax at the sampled tokens
+        logits = logits.float() / temperature
+        return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    with autocast(mb["input_ids"].device):
+        return logits_in_chunks(model, mb, targets, logprobs) * mb["response_mask"]
 
 
 def response_values(value_model, mb: dict) -> torch.Tensor:
@@ -1567,6 +1570,33 @@ def autocast(device: torch.device):
     """bf16 mixed precision for forward passes on CUDA; exact fp32 elsewhere. Weights stay fp32 (a bf16
     weight cannot hold an lr=1e-6 step: it would round away)."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or BF16_ON_CPU)
+
+
+# Architectures whose causal-LM forward is `lm_head(last hidden states)` and nothing more (no logit soft-capping or
+# scaling), so the LM head can run on chunks of positions; any other model gets its logits from its own forward.
+PLAIN_LM_HEADS = ("qwen2", "qwen3", "llama", "mistral")
+LOGITS_CHUNK_BYTES = 256 * 2**20  # fp32 logits of one chunk of positions (the whole micro-batch's rows)
+
+
+def logits_in_chunks(model, mb: dict, targets: torch.Tensor, reduce) -> torch.Tensor:
+    """reduce(logits, targets) -> [B, t] over the response positions, a chunk of positions at a time: the
+    backbone runs once, the LM head on the hidden states of each chunk inside `torch.utils.checkpoint`, so the
+    forward keeps one chunk's logits at a time and the backward recomputes them; what autograd keeps is the
+    hidden states [B, T, hidden]. The numbers are those of the full logits up to float rounding. When the
+    micro-batch's fp32 logits fit in LOGITS_CHUNK_BYTES (the demo's vocabulary: its numbers stay bit for bit
+    those of the model's forward), or the architecture is not in PLAIN_LM_HEADS, the model's own forward gives
+    all the logits at once.
+
+    targets: [B, T], the response tokens (the last T columns of mb["input_ids"])."""
+    rows, n = targets.shape
+    inputs = {key: mb[key] for key in ("input_ids", "attention_mask", "position_ids")}
+    chunk = max(1, LOGITS_CHUNK_BYTES // (rows * model.config.vocab_size * 4))  # positions per chunk
+    if chunk >= n or model.config.model_type not in PLAIN_LM_HEADS:
+        return reduce(model(**inputs, logits_to_keep=n + 1).logits[:, :-1], targets)  # [B, T, vocab] at once
+    hidden = model.base_model(**inputs, use_cache=False).last_hidden_state[:, -n - 1:-1]  # [B, T, hidden]
+    head = model.get_output_embeddings()  # hidden -> vocab (tied to the input embeddings in Qwen2.5)
+    return torch.cat([torch.utils.checkpoint.checkpoint(lambda h, t: reduce(head(h), t), h, t, use_reentrant=False)
+                      for h, t in zip(hidden.split(chunk, dim=1), targets.split(chunk, dim=1))], dim=1)  # [B, T]
 
 
 # ============================================================================================
