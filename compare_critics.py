@@ -296,7 +296,8 @@ def load_run(run_dir: str, device):
         saved = json.load(f)
     run_args = vineppo.Args(**{f.name: saved[f.name] for f in fields(vineppo.Args) if f.name in saved})
     tokenizer = AutoTokenizer.from_pretrained(final, padding_side="left")
-    policy = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).to(device).eval()
+    fp32 = {vineppo.FROM_PRETRAINED_DTYPE_KWARG: torch.float32}
+    policy = AutoModelForCausalLM.from_pretrained(final, **fp32).to(device).eval()
     value_model = vineppo.ValueNetwork.load(os.path.join(final, "value")).to(device).eval()
     return policy, tokenizer, value_model, run_args
 

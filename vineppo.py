@@ -51,8 +51,6 @@ from tqdm.auto import tqdm
 from packaging.version import Version
 from transformers import GenerationConfig, __version__ as transformers_version
 
-GENERATE_CACHE_KWARG = "cache" if Version(transformers_version) >= Version("5.24") else "past_key_values"  # renamed
-
 
 # ############################################################################################
 # PART I: THE METHOD, in the paper's order
@@ -1418,6 +1416,13 @@ def slice_batch(batch: dict, rows: torch.Tensor, device) -> dict:
 # ============================================================================================
 # Models and tokenizers
 # ============================================================================================
+# requirements.txt allows transformers from 4.51 to the newest, which spell two keywords differently: the code
+# tells the versions apart here only (and enable_gradient_checkpointing looks its method up by name).
+TRANSFORMERS_VERSION = Version(transformers_version)
+FROM_PRETRAINED_DTYPE_KWARG = "dtype" if TRANSFORMERS_VERSION >= Version("4.56") else "torch_dtype"  # renamed in 4.56
+GENERATE_CACHE_KWARG = "cache" if TRANSFORMERS_VERSION >= Version("5.24") else "past_key_values"  # renamed in 5.24
+
+
 def build_tiny_tokenizer():
     """A tokenizer built locally (no download): a byte-level BPE with NO merges, so every ASCII character
     is one token, plus <pad>, <eos> and the prompt's words '[MATH_TASK]', ' Problem:', 'Solution:' as one
@@ -1507,7 +1512,8 @@ def load_model_and_tokenizer(args: Args, device):
     else:
         try:
             tokenizer = AutoTokenizer.from_pretrained(args.model, padding_side="left")
-            model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)  # fp32 master weights
+            fp32 = {FROM_PRETRAINED_DTYPE_KWARG: torch.float32}  # fp32 master weights
+            model = AutoModelForCausalLM.from_pretrained(args.model, **fp32)
         except (OSError, ValueError) as error:
             sys.exit(f"error: could not load --model {args.model!r} ({str(error).splitlines()[0]}). Give a hub id "
                      f"you can reach, a local directory, or set HF_HUB_OFFLINE=1 to use the local cache.")

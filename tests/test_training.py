@@ -108,6 +108,23 @@ def test_command_line_smoke(tmp_path):
     assert (tmp_path / "out" / "final" / "model.safetensors").exists()
 
 
+def test_command_line_loads_a_saved_model_in_fp32(tmp_path):
+    """`python vineppo.py --model DIR` on a model saved in bf16: it loads through `from_pretrained` under this
+    transformers version's name for the dtype keyword (`dtype=` is a TypeError on 4.51; none loads bf16 on 5.x),
+    runs, and keeps fp32 master weights: the final checkpoint is the saved weights, upcast exactly."""
+    from safetensors.torch import load_file
+    tokenizer = vineppo.build_tiny_tokenizer()
+    vineppo.build_tiny_model(tokenizer, seed=0).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    tokenizer.save_pretrained(tmp_path / "bf16")
+    proc = run_cli("--model", str(tmp_path / "bf16"), "--task", "arith", *TINY_RUN, "--iterations", "0",
+                   "--output-dir", "out", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    saved = load_file(tmp_path / "bf16" / "model.safetensors")
+    final = load_file(tmp_path / "out" / "final" / "model.safetensors")
+    assert saved.keys() == final.keys() and all(t.dtype == torch.float32 for t in final.values())
+    assert all(torch.equal(final[name], saved[name].float()) for name in saved)
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--mc-rollouts", "0"], "--mc-rollouts must be at least 1"),
     (["--critic", "critic"], "--critic must be one of mc, value, grpo, rloo"),
