@@ -294,7 +294,7 @@ def sample_continuations(model, prefixes: list[list[int]], budgets: list[int], *
         with autocast(device), library_generation_defaults(model):
             cache = shared_prefix_cache(model, input_ids, attention_mask) if share_prefixes else None
             output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                                    **{GENERATE_CACHE_KWARG: cache})
+                                    **{CACHE_NAME: cache})
         new_tokens = output[:, width:].tolist()  # [rows, <= max budget]
         for r, i in enumerate(rows):
             ids = new_tokens[r][:budgets[i]]
@@ -1376,8 +1376,8 @@ def shared_prefix_cache(model, input_ids: torch.Tensor, attention_mask: torch.Te
         return None
     ids, mask = distinct.split(width, dim=1)  # [distinct, width] each
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # numbered as `generate` numbers padded rows
-    cache = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-                  use_cache=True, logits_to_keep=1).past_key_values  # [distinct, heads, width - 1, head_dim] per layer
+    cache = getattr(model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+                          use_cache=True, logits_to_keep=1), CACHE_NAME)  # [distinct, heads, width - 1, head_dim] per layer
     cache.batch_select_indices(row_of)  # [rows, ...]: every row gets the keys and values of its own prompt
     return cache
 
@@ -1420,7 +1420,7 @@ def slice_batch(batch: dict, rows: torch.Tensor, device) -> dict:
 # tells the versions apart here only (and enable_gradient_checkpointing looks its method up by name).
 TRANSFORMERS_VERSION = Version(transformers_version)
 FROM_PRETRAINED_DTYPE_KWARG = "dtype" if TRANSFORMERS_VERSION >= Version("4.56") else "torch_dtype"  # renamed in 4.56
-GENERATE_CACHE_KWARG = "cache" if TRANSFORMERS_VERSION >= Version("5.24") else "past_key_values"  # renamed in 5.24
+CACHE_NAME = "cache" if TRANSFORMERS_VERSION >= Version("5.24") else "past_key_values"  # generate's keyword, outputs' field
 
 
 def build_tiny_tokenizer():

@@ -754,7 +754,7 @@ def test_shared_prefix_cache_gives_generate_the_same_logits():
         cache = vineppo.shared_prefix_cache(model, ids, mask)
         assert cache.get_seq_length() == 3  # its rows: 3, or `generate` below raises (a size mismatch)
         runs = [model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                               **{vineppo.GENERATE_CACHE_KWARG: c}) for c in (cache, None)]
+                               **{vineppo.CACHE_NAME: c}) for c in (cache, None)]
     for shared, plain in zip(runs[0].logits, runs[1].logits):  # [3 rows, vocab] per step
         torch.testing.assert_close(shared, plain, rtol=0, atol=1e-5)  # a wrong position or row: ~4e-3
 
