@@ -1965,9 +1965,11 @@ def end_iteration(run: Run, record: dict, episodes: list[Episode], stats: dict, 
         print_credit(run.tokenizer, episodes, run.train, iteration, args)
     if stop_now:
         signum = stop.received or signal.SIGTERM  # a rank that got no signal itself follows the others
+        rank, world = rank_and_world()
+        launch = "python" if world == 1 else f"torchrun --nproc-per-node {os.environ.get('LOCAL_WORLD_SIZE', world)}"
         print(f"stopped by {signal.Signals(signum).name} after iteration {iteration}: checkpoint saved "
-              f"to {os.path.join(args.output_dir, 'checkpoint.pt')}; continue with: python vineppo.py "
-              f"--output-dir {args.output_dir} --resume", file=sys.stderr if rank_and_world()[0] == 0 else sys.stdout)
+              f"to {os.path.join(args.output_dir, 'checkpoint.pt')}; continue with: {launch} vineppo.py "
+              f"--output-dir {args.output_dir} --resume", file=sys.stderr if rank == 0 else sys.stdout)
         sys.exit(128 + signum)
 
 
