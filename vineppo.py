@@ -287,8 +287,7 @@ def sample_continuations(model, prefixes: list[list[int]], budgets: list[int], *
     for rows in tqdm(batches, desc=desc, leave=False, disable=not progress):
         input_ids, attention_mask = (t.to(device) for t in left_pad([prefixes[i] for i in rows], pad_id))  # [rows, width]
         width = input_ids.shape[1]
-        # Samples must come from pi_old at this temperature and top_p, exactly: top_k=0 turns off the library's
-        # default top-k of 50, and nothing comes from the model's saved config (library_generation_defaults).
+        # exactly pi_old at T and top_p: top_k=0 ends the default top-k 50; library_generation_defaults: no saved config
         config = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
                                   max_new_tokens=max(budgets[i] for i in rows), eos_token_id=eos_id, pad_token_id=pad_id)
         with autocast(device), library_generation_defaults(model):
@@ -559,10 +558,9 @@ def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -
 
 def response_logprobs(model, mb: dict, temperature: float) -> torch.Tensor:
     """log pi(token | prefix) for every response token, from logits divided by the sampling temperature
-    (so pi_old recomputed here is the distribution that was sampled from). Returns [B, T] in fp32.
-    Only the sampled token's logit and the logsumexp are needed, and a large vocabulary's logits [B, T, vocab]
-    would be an update's largest tensors (Qwen2.5: 4.6 GiB in fp32 at 8 x 1,024 tokens, and autograd keeps
-    copies): `logits_in_chunks` (Part II) makes them a few positions at a time, each recomputed in the backward."""
+    (so pi_old recomputed here is the distribution that was sampled from). Returns [B, T] in fp32. Only the
+    sampled token's logit and the logsumexp are needed, and a large vocabulary's logits [B, T, vocab] would be the
+    largest tensors (Qwen2.5: 4.6 GiB at 8 x 1,024 tokens): `logits_in_chunks` (Part II) makes them in chunks."""
     targets = mb["input_ids"][:, -mb["response_mask"].shape[1]:]  # [B, T]; position p predicts token p+1
 
     def logprobs(logits, targets):  # [B, t, vocab], [B, t] -> [B, t]: log softmax at the sampled tokens
@@ -646,8 +644,7 @@ def precompute(policy, reference, value_model, batch: dict, args: Args, device) 
             out["values_old"][rows, -n:] = response_values(value_model, mb).cpu()
     if args.offload_reference:
         reference.to("cpu")
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        torch.cuda.empty_cache()  # its GPU memory back (nothing to do without CUDA)
     return out
 
 
