@@ -2048,7 +2048,7 @@ def save_checkpoint(args: Args, run: Run, iteration: int) -> str:
     state = {"iteration": iteration, "args": asdict(args), "world_size": world, "policy": run.policy.state_dict(),
              "reference": run.reference.state_dict(), "value": run.value_model.state_dict() if run.value_model else None,
              "optimizers": [o.state_dict() for o in run.optimizers], "schedulers": [s.state_dict() for s in run.schedulers],
-             "rng": rng_states(), "sampler": run.sampler.getstate(), "history": run.history,
+             "rng": rank_rng[0], "sampler": run.sampler.getstate(), "history": run.history,
              "nonfinite_in_a_row": run.nonfinite_in_a_row, **({"rank_rng": rank_rng} if world > 1 else {})}
     write_atomically(path, lambda temporary: torch.save(state, temporary))
     return path
@@ -2112,9 +2112,9 @@ def restore_checkpoint(checkpoint: dict, run: Run, path: str) -> None:
                 item.load_state_dict(state)
         run.sampler.setstate(checkpoint["sampler"])
         rank, world = rank_and_world()
-        if checkpoint.get("world_size", 1) != world:
-            sys.exit(f"error: {path} was saved by {checkpoint.get('world_size', 1)} process(es), this run has {world}; "
-                     f"resume it with torchrun --nproc-per-node {checkpoint.get('world_size', 1)} (or without torchrun for 1)")
+        if checkpoint["world_size"] != world:  # read_checkpoint made sure it is there
+            sys.exit(f"error: {path} was saved by {checkpoint['world_size']} process(es), this run has {world}; "
+                     f"resume it with torchrun --nproc-per-node {checkpoint['world_size']} (or without torchrun for 1)")
         set_rng_states(checkpoint["rank_rng"][rank] if world > 1 else checkpoint["rng"])  # last: building the
         # models above drew random numbers
     except (RuntimeError, ValueError, TypeError, KeyError, AttributeError) as error:
