@@ -8,6 +8,7 @@ K_gt = 256 fresh rollouts from s, and test how well each one ranks alternative n
     python compare_critics.py                                # trains the demo's `--critic value` run, then compares
     python compare_critics.py --run runs/arith-value-seed0   # a finished `vineppo.py --critic value` run
     python compare_critics.py --gradients                    # the gradient-variance analysis (below)
+    python compare_critics.py --lengths                      # VinePPO vs PPO vs GRPO by chain length (below)
     python compare_critics.py --help                         # every flag (--gradients --help: that mode's)
 
 States: the prompt state s_0 and every step boundary of responses sampled on held-out problems, built as
@@ -65,9 +66,22 @@ Writes <output-dir>/results.json (every batch's cosine) and gradients.png. The d
 a 2-core AMD EPYC CPU, OMP_NUM_THREADS=2, no other job running (training 211 + 162 s, analysis 158 + 311 s;
 of the analysis, the long chain's MC rollouts are the largest part); seconds depend on the CPU and threads.
 
+Chain length (`--lengths`). The paper's lead over PPO is larger on MATH (longer solutions) than on GSM8K:
+with more decisions per response, one response-level advantage blames more right steps. The experiment
+trains, per chain length of the built-in task (4-6, 8-10, 12-16 operations), an SFT model (the demo's for
+4-6; each longer one continues the previous one's), then per seed one RL run per method from it, with the
+demo's settings and the same iterations and evaluation for every method. The tutor's slip rate per step
+falls with the length so that the same share of its solutions ends wrong (`matched_slip_rate`): only the
+number of decisions changes. Runs go to <output-dir>/<length>/<critic>-seed<seed>/; a finished run is
+skipped, a stopped one resumes from its checkpoint, one made with other settings is refused. Prints and
+writes (results.json, lengths.png) pass@1 before -> after, the gain, the first method's gain minus each
+other's (paired by seed), the credit's explained variance, the halfway point (iteration and seconds to half
+the way from the start to the seed's best final pass@1, the paper's "time to PPO's peak" in small) and tokens.
+
 The file reads top to bottom in the order the analyses run:
     Args -> metrics (pure functions) -> states and rollouts -> estimators -> ranking -> report -> main;
-    GradientArgs -> cosine, batches (pure functions) -> credit and gradients -> report -> gradients_main.
+    GradientArgs -> cosine, batches (pure functions) -> credit and gradients -> report -> gradients_main;
+    LengthArgs -> task settings per length -> runs (skip, resume) -> aggregation -> report -> lengths_main.
 """
 
 from __future__ import annotations
@@ -151,7 +165,8 @@ def count_and_mc_k_problems(args, counts: tuple[str, ...]) -> list[str]:
 
 def parse_args(argv: list[str] | None = None) -> Args:
     parser = vineppo.dataclass_parser(Args, __doc__.split("\n")[0], epilog="python compare_critics.py --gradients "
-                                      "runs the gradient-variance analysis instead (see --gradients --help)")
+                                      "runs the gradient-variance analysis instead (see --gradients --help), "
+                                      "--lengths the chain-length experiment (--lengths --help)")
     given = vars(parser.parse_args(argv))  # only the flags the user typed
     values = {} if given.get("run") else dict(DEMO_OVERRIDES)  # a flag given on the command line still wins
     values.update(given)
@@ -546,6 +561,8 @@ def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--gradients" in argv:  # the other analysis: how well each method's minibatch gradient points
         return gradients_main([a for a in argv if a != "--gradients"])
+    if "--lengths" in argv:  # the experiment: does VinePPO's lead grow with chain length?
+        return lengths_main([a for a in argv if a != "--lengths"])
     args = parse_args(argv)
     results_path = os.path.join(args.output_dir, "results.json")
     if os.path.exists(results_path) and not args.overwrite:
@@ -1029,6 +1046,320 @@ def gradients_main(argv: list[str]) -> dict:
     with open(results_path, "w") as f:
         json.dump(out, f, indent=1)
     print(f"\n{timings['total_s']:.0f}s | {results_path}" + (f", {figure}" if figure else ""))
+    return out
+
+
+# ############################################################################################
+# Does VinePPO's lead grow with the length of the reasoning? `python compare_critics.py --lengths`
+# ############################################################################################
+@dataclass
+class LengthArgs:
+    chain_lengths: str = "4-6,8-10,12-16"
+    """the built-in task's chain lengths ('MIN-MAX'), shortest first"""
+    sft_epochs: str = "-1,4,4"
+    """SFT epochs per chain length (-1: the demo's, from scratch; type --sft-epochs=-1,...); each later one
+    continues the previous length's SFT model"""
+    seeds: str = "0,1,2"
+    """RL seeds: every (chain length, seed, critic) is one run from that chain length's SFT model"""
+    critics: str = "mc,value,grpo"
+    """the methods compared (`vineppo.py --critic`); the first is the one the others are subtracted from"""
+    iterations: int = 10
+    """RL iterations of every run"""
+    eval_every: int = 2
+    """evaluate (and checkpoint) every this many iterations: the curve that the halfway point is read from"""
+    eval_problems: int = 128
+    """held-out problems per evaluation of the RL runs (x --eval-samples 4, the demo's)"""
+    output_dir: str = "runs/chain-lengths"
+    """where the SFT runs sft-<length>/, the RL runs <length>/<critic>-seed<seed>/, results.json and lengths.png go"""
+    report: bool = False
+    """train nothing: print the table and draw the figure from the runs finished so far"""
+
+
+# Held fixed across chain lengths: the share of the tutor's training solutions that end wrong, the demo's
+# (slip rate 0.3 per slip-prone step on 4-6 operations). A longer chain has more slip-prone steps, so its
+# tutor slips less often per step (`matched_slip_rate`): only the number of decisions changes.
+MATCHED_SHARE_OF = ("4-6", vineppo.Args.slip_rate)
+
+
+def parse_length_args(argv: list[str]) -> LengthArgs:
+    parser = vineppo.dataclass_parser(LengthArgs, "Does VinePPO's lead over PPO and GRPO grow with chain length?")
+    parser.prog = "compare_critics.py --lengths"
+    args = LengthArgs(**vars(parser.parse_args(argv)))
+    problems = [f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
+                for name in ("iterations", "eval_every", "eval_problems") if getattr(args, name) < 1]
+    lengths = args.chain_lengths.split(",")
+    for length in lengths:
+        try:
+            vineppo.parse_chain_length(length)
+        except ValueError:
+            problems.append(f"--chain-lengths takes 'MIN-MAX' or 'N' separated by commas, like 4-6,8-10; got {length!r}")
+    try:
+        epochs = [float(e) for e in args.sft_epochs.split(",")]
+    except ValueError:
+        epochs = []
+    if len(epochs) != len(lengths) or any(e < 0 for e in epochs[1:]):
+        problems.append(f"--sft-epochs needs one number per chain length ({args.chain_lengths}), -1 only first; "
+                        f"got {args.sft_epochs!r}")
+    if not all(s.strip().isdigit() for s in args.seeds.split(",")):
+        problems.append(f"--seeds must be integers separated by commas, like 0,1,2; got {args.seeds!r}")
+    if not set(args.critics.split(",")) <= {"mc", "value", "grpo", "rloo"}:
+        problems.append(f"--critics takes mc, value, grpo, rloo separated by commas; got {args.critics!r}")
+    if problems:
+        sys.exit("error: " + "; ".join(problems))
+    return args
+
+
+# --- task settings per chain length (pure functions) --------------------------------------------
+def wrong_share(problems: list[dict]) -> float:
+    """The share of training solutions whose final line is not the true answer (the tutor slipped)."""
+    return sum(p["solution"].rsplit("#### ", 1)[-1] != p["answer"] for p in problems) / len(problems)
+
+
+def matched_slip_rate(chain_length: str, share: float, *, seed: int = 0, n: int = 4000, tolerance: float = 1e-4) -> float:
+    """The tutor's slip rate per slip-prone step at which `share` of the chain length's training solutions
+    (the task's own generator, `n` problems) end wrong: bisection, as the share grows with the rate."""
+    low, high = 0.0, 1.0
+    while high - low > tolerance:
+        middle = (low + high) / 2
+        low, high = (middle, high) if wrong_share(vineppo.make_arith_task(seed, n, 0, middle, chain_length)[0]) < share \
+            else (low, middle)
+    return round((low + high) / 2, 3)
+
+
+def length_settings(args: LengthArgs) -> list[dict]:
+    """Per chain length: the tutor's slip rate (`matched_slip_rate`), the response budget (12 tokens an
+    operation, at least the demo's 80) and the SFT epochs."""
+    target = wrong_share(vineppo.make_arith_task(0, 4000, 0, MATCHED_SHARE_OF[1], MATCHED_SHARE_OF[0])[0])
+    return [{"chain_length": length, "slip_rate": matched_slip_rate(length, target) if length != MATCHED_SHARE_OF[0]
+             else MATCHED_SHARE_OF[1],
+             "max_new_tokens": max(vineppo.TINY_DEMO_OVERRIDES["max_new_tokens"],
+                                   TOKENS_PER_OPERATION * vineppo.parse_chain_length(length)[1]),
+             "sft_epochs": float(epochs)}
+            for length, epochs in zip(args.chain_lengths.split(","), args.sft_epochs.split(","))]
+
+
+def demo_flags(**changes) -> list[str]:
+    """TINY_DEMO_OVERRIDES as flags (a model directory is not `tiny`, so they must be typed), with changes."""
+    return [flag for name, value in {**vineppo.TINY_DEMO_OVERRIDES, **changes}.items()
+            for flag in (f"--{name.replace('_', '-')}", f"{value:g}" if isinstance(value, float) else str(value))]
+
+
+def sft_argv(i: int, settings: list[dict], args: LengthArgs) -> list[str]:
+    """SFT only (--iterations 0): from scratch on the first chain length (-1: the demo's epochs); each later
+    one continues the previous length's SFT model for its epochs. Evaluated as the demo (256 problems x 4)."""
+    task = settings[i]
+    argv = ["--chain-length", task["chain_length"], "--slip-rate", f"{task['slip_rate']:g}",
+            "--seed", args.seeds.split(",")[0], "--output-dir", sft_dir(args, i)]
+    if i == 0:  # `tiny`: the demo's settings apply by themselves
+        epochs = ["--sft-epochs", f"{task['sft_epochs']:g}"] if task["sft_epochs"] >= 0 else []
+        return ["--iterations", "0", "--max-new-tokens", str(task["max_new_tokens"])] + epochs + argv
+    return (["--model", os.path.join(sft_dir(args, i - 1), "final"), "--task", "arith"]
+            + demo_flags(iterations=0, sft_epochs=task["sft_epochs"], max_new_tokens=task["max_new_tokens"]) + argv)
+
+
+def rl_argv(i: int, seed: str, critic: str, settings: list[dict], args: LengthArgs) -> list[str]:
+    """One RL run from the chain length's SFT model: the demo's settings but for the number of iterations and
+    the evaluation, which are the same for every method."""
+    task = settings[i]
+    return (["--model", os.path.join(sft_dir(args, i), "final"), "--task", "arith", "--critic", critic]
+            + demo_flags(sft_epochs=0, iterations=args.iterations, eval_every=args.eval_every,
+                         eval_problems=args.eval_problems, save_every=args.eval_every,
+                         max_new_tokens=task["max_new_tokens"])
+            + ["--chain-length", task["chain_length"], "--slip-rate", f"{task['slip_rate']:g}", "--seed", seed,
+               "--output-dir", rl_dir(args, task["chain_length"], critic, seed)])
+
+
+def sft_dir(args: LengthArgs, i: int) -> str:
+    return os.path.join(args.output_dir, f"sft-{args.chain_lengths.split(',')[i]}")
+
+
+def rl_dir(args: LengthArgs, chain_length: str, critic: str, seed: str) -> str:
+    return os.path.join(args.output_dir, chain_length, f"{critic}-seed{seed}")
+
+
+COMPARED_AWAY = ("output_dir", "overwrite", "resume", "device")  # may differ without changing a run
+
+
+def run_state(argv: list[str], output_dir: str) -> str:
+    """'done' (final/ holds the settings argv gives), 'resume' (a checkpoint of a run stopped on the way)
+    or 'new'. A finished run made with other settings is refused: the experiment's settings are fixed."""
+    settings_path = os.path.join(output_dir, "final", "args.json")
+    if os.path.isfile(settings_path):
+        with open(settings_path) as f:
+            saved = json.load(f)
+        planned = asdict(vineppo.parse_args(argv))
+        changed = sorted(k for k in planned if k not in COMPARED_AWAY and saved.get(k) != planned[k])
+        if changed:
+            sys.exit(f"error: {output_dir} was run with other settings ({', '.join(changed)}); "
+                     f"choose another --output-dir for these")
+        return "done"
+    return "resume" if os.path.isfile(os.path.join(output_dir, "checkpoint.pt")) else "new"
+
+
+def train(argv: list[str], output_dir: str) -> None:
+    """Run `vineppo.py argv` unless it is finished; a stopped run continues from its checkpoint."""
+    state = run_state(argv, output_dir)
+    if state == "done":
+        print(f"{output_dir}: finished, skipped")
+        return
+    print(f"\n{output_dir}: {'resuming' if state == 'resume' else 'starting'}: python vineppo.py {' '.join(argv)}")
+    vineppo.main(argv + (["--resume"] if state == "resume" else ["--overwrite"]))
+
+
+# --- aggregation by chain length (pure functions of the runs' metrics) ---------------------------
+def halfway(records: list[dict], target: float) -> dict | None:
+    """The first evaluation at which pass@1 reached halfway from the run's start (iteration 0) to `target`:
+    its iteration, seconds of RL (the critic's warm-up included) and tokens generated so far; None if never."""
+    start, tokens = records[0]["eval/pass@1"], 0
+    for r in records:
+        tokens += sum(r.get(key, 0) for key in vineppo.TOKEN_KEYS)
+        if r["iteration"] > 0 and "eval/pass@1" in r and r["eval/pass@1"] >= start + (target - start) / 2 - 1e-9:  # a tie counts
+            return {"iteration": r["iteration"], "tokens": tokens,
+                    "seconds": r["time/elapsed_s"] + records[0].get("time/critic_warmup_s", 0.0)}
+    return None
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1))
+
+
+def aggregate(runs: list[dict], critics: list[str]) -> list[dict]:
+    """Rows of the table, per chain length and critic, from finished runs ({chain_length, critic, seed,
+    before, after, credit_ev, tokens, records}): pass@1 before and after and the gain, mean and std over
+    seeds; the first critic's gain minus this one's, paired by seed; the halfway point (`halfway`) to the
+    best final pass@1 among the critics of the same seed, averaged over the seeds that reached it."""
+    by_key = {(r["chain_length"], r["critic"], r["seed"]): r for r in runs}
+    rows = []
+    for length in dict.fromkeys(r["chain_length"] for r in runs):
+        for critic in critics:
+            mine = [r for r in runs if r["chain_length"] == length and r["critic"] == critic]
+            if not mine:
+                continue
+            row = {"chain_length": length, "critic": critic, "seeds": [r["seed"] for r in mine]}
+            for key in ("before", "after", "tokens"):
+                row[key] = mean_std([r[key] for r in mine])
+            row["gain"] = mean_std([r["after"] - r["before"] for r in mine])
+            evs = [r["credit_ev"] for r in mine if r["credit_ev"] is not None]
+            row["credit_ev"] = mean_std(evs) if evs else None
+            first = [(by_key[(length, critics[0], r["seed"])], r) for r in mine if (length, critics[0], r["seed"]) in by_key]
+            row["lead"] = mean_std([(a["after"] - a["before"]) - (b["after"] - b["before"]) for a, b in first]) \
+                if first and critic != critics[0] else None
+            reached = []
+            for r in mine:
+                best = max(o["after"] for o in runs if o["chain_length"] == length and o["seed"] == r["seed"])
+                reached.append(halfway(r["records"], best))
+            done = [h for h in reached if h is not None]
+            row["halfway"] = {key: mean_std([h[key] for h in done]) for key in ("iteration", "seconds", "tokens")} \
+                if done else None
+            row["halfway_reached"] = (len(done), len(reached))
+            rows.append(row)
+    return rows
+
+
+def finished_runs(args: LengthArgs) -> list[dict]:
+    """Every finished RL run of the experiment, summarised (`vineppo.summarize_run`) with its metrics."""
+    runs = []
+    for length in args.chain_lengths.split(","):
+        for seed in args.seeds.split(","):
+            for critic in args.critics.split(","):
+                run_dir = rl_dir(args, length, critic, seed)
+                if os.path.isfile(os.path.join(run_dir, "final", "args.json")):
+                    runs.append({**vineppo.summarize_run(run_dir), "chain_length": length, "seed": seed,
+                                 "records": vineppo.read_metrics(run_dir)})
+    return runs
+
+
+def sft_pass1(args: LengthArgs) -> dict:
+    """Each chain length's SFT pass@1 (its own evaluation, 256 held-out problems x 4), where finished."""
+    out = {}
+    for i, length in enumerate(args.chain_lengths.split(",")):
+        if os.path.isfile(os.path.join(sft_dir(args, i), "final", "args.json")):
+            out[length] = vineppo.read_metrics(sft_dir(args, i))[0]["eval/pass@1"]
+    return out
+
+
+def print_length_table(rows: list[dict], sft: dict, settings: list[dict], critics: list[str]) -> None:
+    """One line per chain length and critic: mean ± std over seeds."""
+    def pm(pair, digits=3):
+        return "" if pair is None else f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
+    header = (f"{'chain':<6} {'slip':>5} {'SFT':>5}  {'critic':<6} {'n':>2}  {'pass@1 before -> after':<29} "
+              f"{'gain':<15} {critics[0] + ' minus it':<16} {'ev':<11} {'halfway: iteration':<19} {'seconds':>7} "
+              f"{'tokens':>7}")
+    print("\n" + header + "\n" + "-" * len(header))
+    slip = {s["chain_length"]: s["slip_rate"] for s in settings}
+    for row in rows:
+        half, (reached, of) = row["halfway"], row["halfway_reached"]
+        iteration = (pm(half["iteration"], 1) if half else "not reached") + (f" ({reached}/{of})" if reached < of else "")
+        seconds = f"{half['seconds'][0]:.0f}" if half else ""
+        print(f"{row['chain_length']:<6} {slip[row['chain_length']]:5.3f} {sft.get(row['chain_length'], math.nan):5.3f}  "
+              f"{row['critic']:<6} {len(row['seeds']):>2}  {pm(row['before'])} -> {pm(row['after'])} "
+              f"{pm(row['gain']):<15} {pm(row['lead']):<16} {pm(row['credit_ev'], 2) or 'n/a':<11} {iteration:<19} "
+              f"{seconds:>7} {row['tokens'][0] / 1e3:6.0f}k")
+    print("n: seeds; slip: the tutor's rate per slip-prone step; SFT: pass@1 of the SFT model (256 x 4); gain, "
+          "minus: mean ± std over seeds (minus: paired by seed); ev: the credit's explained variance of the returns; "
+          "halfway: the first evaluation at half the way from the start to the seed's best final pass@1, and its "
+          "seconds of RL (evaluations and the critic's warm-up included); tokens: generated per run, all rollouts")
+
+
+def save_length_figure(rows: list[dict], critics: list[str], path: str) -> str:
+    """The gain in pass@1 of each method against the mean number of operations, ± std over seeds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = {"mc": "VinePPO (mc)", "value": "PPO (value, tuned)", "grpo": "GRPO", "rloo": "RLOO"}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for shift, critic in zip((-0.15, 0, 0.15, 0.3), critics):
+        mine = [r for r in rows if r["critic"] == critic]
+        ax.errorbar([shift + sum(vineppo.parse_chain_length(r["chain_length"])) / 2 for r in mine],
+                    [r["gain"][0] for r in mine], yerr=[r["gain"][1] for r in mine], marker="o", capsize=3,
+                    label=names.get(critic, critic))
+    ax.set_xticks(sorted({sum(vineppo.parse_chain_length(r["chain_length"])) / 2 for r in rows}),
+                  list(dict.fromkeys(r["chain_length"] for r in rows)))
+    ax.set_xlabel("operations per problem (chain length)")
+    ax.set_ylabel("pass@1 gain from RL (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def lengths_main(argv: list[str]) -> dict:
+    args = parse_length_args(argv)
+    settings, critics, start = length_settings(args), args.critics.split(","), time.time()
+    os.makedirs(args.output_dir, exist_ok=True)
+    if not args.report:
+        try:
+            for i in range(len(settings)):  # the SFT models, each from the previous
+                train(sft_argv(i, settings, args), sft_dir(args, i))
+            for seed in args.seeds.split(","):  # seed by seed: a stop leaves every chain length with results
+                for i, task in enumerate(settings):
+                    for critic in critics:
+                        train(rl_argv(i, seed, critic, settings, args), rl_dir(args, task["chain_length"], critic, seed))
+        except SystemExit as stop:
+            if stop.code not in (None, 0):
+                print(f"the experiment stopped; the same command continues it (finished runs are skipped)",
+                      file=sys.stderr)
+            raise
+    runs = finished_runs(args)
+    if not runs:
+        sys.exit(f"error: {args.output_dir} holds no finished run yet; run python compare_critics.py --lengths")
+    rows, sft = aggregate(runs, critics), sft_pass1(args)
+    print_length_table(rows, sft, settings, critics)
+    try:
+        figure = save_length_figure(rows, critics, os.path.join(args.output_dir, "lengths.png"))
+    except ImportError:
+        figure = None
+        print("matplotlib is not installed: no lengths.png (pip install matplotlib)")
+    out = {"args": asdict(args), "settings": settings, "sft_pass@1": sft, "rows": rows, "figure": figure,
+           "runs": [{k: v for k, v in r.items() if k != "records"} for r in runs], "seconds": time.time() - start}
+    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"{len(runs)} runs | {os.path.join(args.output_dir, 'results.json')}" + (f", {figure}" if figure else ""))
     return out
 
 
