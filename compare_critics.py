@@ -1115,9 +1115,11 @@ def wrong_share(problems: list[dict]) -> float:
     return sum(p["solution"].rsplit("#### ", 1)[-1] != p["answer"] for p in problems) / len(problems)
 
 
+@functools.lru_cache
 def matched_slip_rate(chain_length: str, share: float, *, seed: int = 0, n: int = 4000, tolerance: float = 1e-4) -> float:
     """The tutor's slip rate per slip-prone step at which `share` of the chain length's training solutions
-    (the task's own generator, `n` problems) end wrong: bisection, as the share grows with the rate."""
+    (the task's own generator, `n` problems) end wrong: bisection, as the share grows with the rate.
+    Deterministic, so cached: every rerun of the experiment asks again."""
     low, high = 0.0, 1.0
     while high - low > tolerance:
         middle = (low + high) / 2
@@ -1342,7 +1344,7 @@ def lengths_main(argv: list[str]) -> dict:
                         train(rl_argv(i, seed, critic, settings, args), rl_dir(args, task["chain_length"], critic, seed))
         except SystemExit as stop:
             if stop.code not in (None, 0):
-                print(f"the experiment stopped; the same command continues it (finished runs are skipped)",
+                print("the experiment stopped; the same command continues it (finished runs are skipped)",
                       file=sys.stderr)
             raise
     runs = finished_runs(args)
@@ -1361,7 +1363,6 @@ def lengths_main(argv: list[str]) -> dict:
         json.dump(out, f, indent=1)
     print(f"{len(runs)} runs | {os.path.join(args.output_dir, 'results.json')}" + (f", {figure}" if figure else ""))
     return out
-
 
 
 if __name__ == "__main__":
