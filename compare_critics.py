@@ -1284,8 +1284,8 @@ def sft_pass1(args: LengthArgs) -> dict:
 
 def print_length_table(rows: list[dict], sft: dict, settings: list[dict], critics: list[str]) -> None:
     """One line per chain length and critic: mean ± std over seeds."""
-    def pm(pair, digits=3):
-        return "" if pair is None else f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
+    def pm(pair, digits=3, sign=""):
+        return "" if pair is None else f"{pair[0]:{sign}.{digits}f} ± {pair[1]:.{digits}f}"
     header = (f"{'chain':<6} {'slip':>5} {'SFT':>5}  {'critic':<6} {'n':>2}  {'pass@1 before -> after':<29} "
               f"{'gain':<15} {critics[0] + ' minus it':<16} {'ev':<11} {'halfway: iteration':<19} {'seconds':>7} "
               f"{'tokens':>7}")
@@ -1297,7 +1297,7 @@ def print_length_table(rows: list[dict], sft: dict, settings: list[dict], critic
         seconds = f"{half['seconds'][0]:.0f}" if half else ""
         print(f"{row['chain_length']:<6} {slip[row['chain_length']]:5.3f} {sft.get(row['chain_length'], math.nan):5.3f}  "
               f"{row['critic']:<6} {len(row['seeds']):>2}  {pm(row['before'])} -> {pm(row['after'])} "
-              f"{pm(row['gain']):<15} {pm(row['lead']):<16} {pm(row['credit_ev'], 2) or 'n/a':<11} {iteration:<19} "
+              f"{pm(row['gain'], sign='+'):<15} {pm(row['lead'], sign='+'):<16} {pm(row['credit_ev'], 2) or 'n/a':<11} {iteration:<19} "
               f"{seconds:>7} {row['tokens'][0] / 1e3:6.0f}k")
     print("n: seeds; slip: the tutor's rate per slip-prone step; SFT: pass@1 of the SFT model (256 x 4); gain, "
           "minus: mean ± std over seeds (minus: paired by seed); ev: the credit's explained variance of the returns; "
@@ -1306,24 +1306,29 @@ def print_length_table(rows: list[dict], sft: dict, settings: list[dict], critic
 
 
 def save_length_figure(rows: list[dict], critics: list[str], path: str) -> str:
-    """The gain in pass@1 of each method against the mean number of operations, ± std over seeds."""
+    """Left: the gain in pass@1 of each method against the mean number of operations; right: the first
+    method's gain minus each other's, paired by seed; both ± std over seeds."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = {"mc": "VinePPO (mc)", "value": "PPO (value, tuned)", "grpo": "GRPO", "rloo": "RLOO"}
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for shift, critic in zip((-0.15, 0, 0.15, 0.3), critics):
-        mine = [r for r in rows if r["critic"] == critic]
-        ax.errorbar([shift + sum(vineppo.parse_chain_length(r["chain_length"])) / 2 for r in mine],
-                    [r["gain"][0] for r in mine], yerr=[r["gain"][1] for r in mine], marker="o", capsize=3,
-                    label=names.get(critic, critic))
-    ax.set_xticks(sorted({sum(vineppo.parse_chain_length(r["chain_length"])) / 2 for r in rows}),
-                  list(dict.fromkeys(r["chain_length"] for r in rows)))
-    ax.set_xlabel("operations per problem (chain length)")
-    ax.set_ylabel("pass@1 gain from RL (mean ± std over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    lengths = list(dict.fromkeys(r["chain_length"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for shift, critic, color in zip((-0.15, 0, 0.15, 0.3), critics, ("C0", "C1", "C2", "C3")):
+        for ax, key in zip(axes, ("gain", "lead")):
+            mine = [r for r in rows if r["critic"] == critic and r[key] is not None]
+            if mine:
+                ax.errorbar([shift + sum(vineppo.parse_chain_length(r["chain_length"])) / 2 for r in mine],
+                            [r[key][0] for r in mine], yerr=[r[key][1] for r in mine], marker="o", capsize=3,
+                            color=color, label=names.get(critic, critic) if key == "gain" else f"minus {critic}")
+    for ax, label in zip(axes, ("pass@1 gain from RL", f"{critics[0]}'s gain minus the other's")):
+        ax.set_xticks([sum(vineppo.parse_chain_length(length)) / 2 for length in lengths], lengths)
+        ax.set_xlabel("operations per problem (chain length)")
+        ax.set_ylabel(f"{label} (mean ± std over seeds)", fontsize=9)
+        ax.axhline(0, color="gray", lw=0.8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
