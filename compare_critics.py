@@ -741,9 +741,7 @@ def training_argv(i: int, args: GradientArgs, previous_run: str = "") -> list[st
     argv = ["--critic", "value", "--iterations", "0", "--chain-length", lengths[i], "--slip-rate", f"{slip_rate:.3g}",
             "--eval-problems", "128", "--seed", str(args.seed)]
     if previous_run:  # not `tiny`: the demo's settings are given as flags, then ours
-        argv = ["--model", os.path.join(previous_run, "final"), "--task", "arith"] + [
-            f for name, value in vineppo.TINY_DEMO_OVERRIDES.items() for f in (f"--{name.replace('_', '-')}", str(value))
-        ] + argv
+        argv = ["--model", os.path.join(previous_run, "final"), "--task", "arith"] + demo_flags() + argv
     return argv + ["--max-new-tokens", str(budget)] + (["--sft-epochs", epochs[i]] if float(epochs[i]) >= 0 else [])
 
 
