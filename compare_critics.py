@@ -1209,8 +1209,11 @@ def train(argv: list[str], output_dir: str) -> None:
 # --- aggregation by chain length (pure functions of the runs' metrics) ---------------------------
 def halfway(records: list[dict], target: float) -> dict | None:
     """The first evaluation at which pass@1 reached halfway from the run's start (iteration 0) to `target`:
-    its iteration, seconds of RL (the critic's warm-up included) and tokens generated so far; None if never."""
+    its iteration, seconds of RL (the critic's warm-up included) and tokens generated so far; None if never,
+    or if `target` is no better than the start (no way to go)."""
     start, tokens = records[0]["eval/pass@1"], 0
+    if target <= start:
+        return None
     for r in records:
         tokens += sum(r.get(key, 0) for key in vineppo.TOKEN_KEYS)
         if r["iteration"] > 0 and "eval/pass@1" in r and r["eval/pass@1"] >= start + (target - start) / 2 - 1e-9:  # a tie counts
@@ -1229,7 +1232,8 @@ def aggregate(runs: list[dict], critics: list[str]) -> list[dict]:
     """Rows of the table, per chain length and critic, from finished runs ({chain_length, critic, seed,
     before, after, credit_ev, tokens, records}): pass@1 before and after and the gain, mean and std over
     seeds; the first critic's gain minus this one's, paired by seed; the halfway point (`halfway`) to the
-    best final pass@1 among the critics of the same seed, averaged over the seeds that reached it."""
+    best final pass@1 among the critics of the same seed, averaged over the seeds that reached it, and
+    (reached, seeds whose best final pass@1 beat the start)."""
     by_key = {(r["chain_length"], r["critic"], r["seed"]): r for r in runs}
     rows = []
     for length in dict.fromkeys(r["chain_length"] for r in runs):
@@ -1246,14 +1250,15 @@ def aggregate(runs: list[dict], critics: list[str]) -> list[dict]:
             first = [(by_key[(length, critics[0], r["seed"])], r) for r in mine if (length, critics[0], r["seed"]) in by_key]
             row["lead"] = mean_std([(a["after"] - a["before"]) - (b["after"] - b["before"]) for a, b in first]) \
                 if first and critic != critics[0] else None
-            reached = []
+            reached, gained = [], 0  # gained: runs whose seed's best final pass@1 beats their start
             for r in mine:
                 best = max(o["after"] for o in runs if o["chain_length"] == length and o["seed"] == r["seed"])
+                gained += best > r["before"]
                 reached.append(halfway(r["records"], best))
             done = [h for h in reached if h is not None]
             row["halfway"] = {key: mean_std([h[key] for h in done]) for key in ("iteration", "seconds", "tokens")} \
                 if done else None
-            row["halfway_reached"] = (len(done), len(reached))
+            row["halfway_reached"] = (len(done), gained)
             rows.append(row)
     return rows
 
@@ -1291,7 +1296,8 @@ def print_length_table(rows: list[dict], sft: dict, settings: list[dict], critic
     slip = {s["chain_length"]: s["slip_rate"] for s in settings}
     for row in rows:
         half, (reached, of) = row["halfway"], row["halfway_reached"]
-        iteration = (pm(half["iteration"], 1) if half else "not reached") + (f" ({reached}/{of})" if reached < of else "")
+        iteration = ("no gain" if not of else pm(half["iteration"], 1) if half else "not reached") + (
+            f" ({reached}/{of})" if reached < of or of < len(row["seeds"]) else "")
         seconds = f"{half['seconds'][0]:.0f}" if half else ""
         print(f"{row['chain_length']:<6} {slip[row['chain_length']]:5.3f} {sft.get(row['chain_length'], math.nan):5.3f}  "
               f"{row['critic']:<6} {len(row['seeds']):>2}  {pm(row['before'])} -> {pm(row['after'])} "
@@ -1299,8 +1305,8 @@ def print_length_table(rows: list[dict], sft: dict, settings: list[dict], critic
               f"{seconds:>7} {row['tokens'][0] / 1e3:6.0f}k")
     print("n: seeds; slip: the tutor's rate per slip-prone step; SFT: pass@1 of the SFT model (256 x 4); gain, "
           "minus: mean ± std over seeds (minus: paired by seed); ev: the credit's explained variance of the returns; "
-          "halfway: the first evaluation at half the way from the start to the seed's best final pass@1, and its "
-          "seconds of RL (evaluations and the critic's warm-up included); tokens: generated per run, all rollouts")
+          "halfway: the first evaluation at half the way from the start to the seed's best final pass@1 (reached/seeds "
+          "where the best beat the start, if not all), and its seconds of RL (evaluations and the critic's warm-up included); tokens: generated per run, all rollouts")
 
 
 def save_length_figure(rows: list[dict], critics: list[str], path: str) -> str:

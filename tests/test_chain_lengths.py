@@ -94,7 +94,8 @@ def test_halfway_is_the_first_evaluation_past_half_the_way():
     assert cc.halfway(curve, 0.8)["iteration"] == 4  # needs 0.65: 0.6 at iteration 2 is short of it
     assert cc.halfway(curve, 0.7)["iteration"] == 2  # needs 0.6
     assert cc.halfway(records({0: 0.5, 2: 0.55}), 0.9) is None  # never reached
-    assert cc.halfway(records({0: 0.5, 1: 0.5}), 0.5)["iteration"] == 1  # no way to go: the first evaluation
+    assert cc.halfway(records({0: 0.5, 1: 0.6}), 0.5) is None  # no way to go: the best is the start
+    assert cc.halfway(records({0: 0.5, 1: 0.6}), 0.45) is None
 
 
 def test_halfway_threshold_is_inclusive_and_uses_the_runs_own_start():
@@ -127,6 +128,15 @@ def test_aggregate_means_paired_leads_and_halfway_by_hand():
     assert mc["halfway"]["iteration"] == pytest.approx((2.0, 0.0)) and mc["halfway_reached"] == (2, 2)
     # seed 0, 8-10: best 0.5; grpo needs 0.4 and ends at 0.35: not reached
     assert rows[("8-10", "grpo")]["halfway"] is None and rows[("8-10", "grpo")]["halfway_reached"] == (0, 1)
+
+
+def test_aggregate_halfway_when_no_method_gained():
+    runs = [run("12-16", "mc", "0", 0.9, 0.88, curve={0: 0.9, 2: 0.95, 4: 0.88}), run("12-16", "grpo", "0", 0.9, 0.85),
+            run("12-16", "mc", "1", 0.8, 0.9), run("12-16", "grpo", "1", 0.8, 0.82)]
+    rows = cc.aggregate(runs, ["mc", "grpo"])
+    assert rows[0]["halfway_reached"] == (1, 1)  # seed 0 had nothing to reach (best 0.88 < 0.9), seed 1 did
+    assert rows[0]["halfway"]["iteration"] == (2.0, 0.0)
+    assert rows[1]["halfway"] is None and rows[1]["halfway_reached"] == (0, 1)  # grpo seed 1: 0.82 < 0.85
 
 
 def test_aggregate_skips_a_critic_with_no_finished_run():
