@@ -1297,7 +1297,7 @@ def print_length_table(rows: list[dict], sft: dict, settings: list[dict], critic
     for row in rows:
         half, (reached, of) = row["halfway"], row["halfway_reached"]
         iteration = ("no gain" if not of else pm(half["iteration"], 1) if half else "not reached") + (
-            f" ({reached}/{of})" if reached < of or of < len(row["seeds"]) else "")
+            f" ({reached}/{of})" if of and (reached < of or of < len(row["seeds"])) else "")
         seconds = f"{half['seconds'][0]:.0f}" if half else ""
         print(f"{row['chain_length']:<6} {slip[row['chain_length']]:5.3f} {sft.get(row['chain_length'], math.nan):5.3f}  "
               f"{row['critic']:<6} {len(row['seeds']):>2}  {pm(row['before'])} -> {pm(row['after'])} "
