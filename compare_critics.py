@@ -77,6 +77,8 @@ skipped, a stopped one resumes from its checkpoint, one made with other settings
 writes (results.json, lengths.png) pass@1 before -> after, the gain, the first method's gain minus each
 other's (paired by seed), the credit's explained variance, the halfway point (iteration and seconds to half
 the way from the start to the seed's best final pass@1, the paper's "time to PPO's peak" in small) and tokens.
+The default command took 1.6 hours on a 2-core CPU, OMP_NUM_THREADS=2 (3 SFTs 14 min, 27 RL runs 84 min, part of
+it beside another job); the 12-16 runs are the longest (VinePPO's about 5 min each).
 
 The file reads top to bottom in the order the analyses run:
     Args -> metrics (pure functions) -> states and rollouts -> estimators -> ranking -> report -> main;
@@ -1216,7 +1218,8 @@ def halfway(records: list[dict], target: float) -> dict | None:
         return None
     for r in records:
         tokens += sum(r.get(key, 0) for key in vineppo.TOKEN_KEYS)
-        if r["iteration"] > 0 and "eval/pass@1" in r and r["eval/pass@1"] >= start + (target - start) / 2 - 1e-9:  # a tie counts
+        halfway_there = start + (target - start) / 2 - 1e-9  # pass@1 is a count over samples: a tie counts
+        if r["iteration"] > 0 and "eval/pass@1" in r and r["eval/pass@1"] >= halfway_there:
             return {"iteration": r["iteration"], "tokens": tokens,
                     "seconds": r["time/elapsed_s"] + records[0].get("time/critic_warmup_s", 0.0)}
     return None
@@ -1247,7 +1250,8 @@ def aggregate(runs: list[dict], critics: list[str]) -> list[dict]:
             row["gain"] = mean_std([r["after"] - r["before"] for r in mine])
             evs = [r["credit_ev"] for r in mine if r["credit_ev"] is not None]
             row["credit_ev"] = mean_std(evs) if evs else None
-            first = [(by_key[(length, critics[0], r["seed"])], r) for r in mine if (length, critics[0], r["seed"]) in by_key]
+            first = [(by_key[(length, critics[0], r["seed"])], r) for r in mine
+                     if (length, critics[0], r["seed"]) in by_key]
             row["lead"] = mean_std([(a["after"] - a["before"]) - (b["after"] - b["before"]) for a, b in first]) \
                 if first and critic != critics[0] else None
             reached, gained = [], 0  # gained: runs whose seed's best final pass@1 beats their start
@@ -1301,12 +1305,14 @@ def print_length_table(rows: list[dict], sft: dict, settings: list[dict], critic
         seconds = f"{half['seconds'][0]:.0f}" if half else ""
         print(f"{row['chain_length']:<6} {slip[row['chain_length']]:5.3f} {sft.get(row['chain_length'], math.nan):5.3f}  "
               f"{row['critic']:<6} {len(row['seeds']):>2}  {pm(row['before'])} -> {pm(row['after'])} "
-              f"{pm(row['gain'], sign='+'):<15} {pm(row['lead'], sign='+'):<16} {pm(row['credit_ev'], 2) or 'n/a':<11} {iteration:<19} "
+              f"{pm(row['gain'], sign='+'):<15} {pm(row['lead'], sign='+'):<16} {pm(row['credit_ev'], 2) or 'n/a':<11} "
+              f"{iteration:<19} "
               f"{seconds:>7} {row['tokens'][0] / 1e3:6.0f}k")
     print("n: seeds; slip: the tutor's rate per slip-prone step; SFT: pass@1 of the SFT model (256 x 4); gain, "
           "minus: mean ± std over seeds (minus: paired by seed); ev: the credit's explained variance of the returns; "
           "halfway: the first evaluation at half the way from the start to the seed's best final pass@1 (reached/seeds "
-          "where the best beat the start, if not all), and its seconds of RL (evaluations and the critic's warm-up included); tokens: generated per run, all rollouts")
+          "where the best beat the start, if not all), and its seconds of RL (evaluations and the critic's warm-up "
+          "included); tokens: generated per run, all rollouts")
 
 
 def save_length_figure(rows: list[dict], critics: list[str], path: str) -> str:
