@@ -165,6 +165,23 @@ def count_and_mc_k_problems(args, counts: tuple[str, ...]) -> list[str]:
     return problems
 
 
+def chain_length_problems(chain_lengths: str, sft_epochs: str) -> list[str]:
+    """The flag checks of the analyses that train per chain length: 'MIN-MAX' lengths, one SFT epochs each."""
+    problems = []
+    for length in chain_lengths.split(","):
+        try:
+            vineppo.parse_chain_length(length)
+        except ValueError:
+            problems.append(f"--chain-lengths takes 'MIN-MAX' or 'N' separated by commas, like 4-6,8-10; got {length!r}")
+    try:
+        epochs = [float(e) for e in sft_epochs.split(",")]
+    except ValueError:
+        epochs = []
+    if len(epochs) != len(chain_lengths.split(",")):
+        problems.append(f"--sft-epochs needs one number per chain length ({chain_lengths}); got {sft_epochs!r}")
+    return problems
+
+
 def parse_args(argv: list[str] | None = None) -> Args:
     parser = vineppo.dataclass_parser(Args, __doc__.split("\n")[0], epilog="python compare_critics.py --gradients "
                                       "runs the gradient-variance analysis instead (see --gradients --help), "
@@ -702,17 +719,8 @@ def parse_gradient_args(argv: list[str]) -> GradientArgs:
         if max(map(int, sizes)) > args.pool_problems * args.samples_per_problem:
             problems.append(f"--batch-sizes {args.batch_sizes}: a batch cannot be larger than the pool of "
                             f"{args.pool_problems * args.samples_per_problem} responses; raise --pool-problems")
-    for length in args.chain_lengths.split(",") if not args.runs else []:
-        try:
-            vineppo.parse_chain_length(length)
-        except ValueError:
-            problems.append(f"--chain-lengths takes 'MIN-MAX' or 'N' separated by commas, like 3-5,10-12; got {length!r}")
-    try:
-        epochs = [float(e) for e in args.sft_epochs.split(",")]
-    except ValueError:
-        epochs = []
-    if not args.runs and len(epochs) != len(args.chain_lengths.split(",")):
-        problems.append(f"--sft-epochs needs one number per chain length ({args.chain_lengths}); got {args.sft_epochs!r}")
+    if not args.runs:
+        problems += chain_length_problems(args.chain_lengths, args.sft_epochs)
     for run in args.runs.split(",") if args.runs else []:
         if not os.path.isdir(os.path.join(run, "final", "value")):
             problems.append(f"--runs {run} has no final/value/: give output directories of finished "
@@ -1087,19 +1095,9 @@ def parse_length_args(argv: list[str]) -> LengthArgs:
     args = LengthArgs(**vars(parser.parse_args(argv)))
     problems = [f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
                 for name in ("iterations", "eval_every", "eval_problems") if getattr(args, name) < 1]
-    lengths = args.chain_lengths.split(",")
-    for length in lengths:
-        try:
-            vineppo.parse_chain_length(length)
-        except ValueError:
-            problems.append(f"--chain-lengths takes 'MIN-MAX' or 'N' separated by commas, like 4-6,8-10; got {length!r}")
-    try:
-        epochs = [float(e) for e in args.sft_epochs.split(",")]
-    except ValueError:
-        epochs = []
-    if len(epochs) != len(lengths) or any(e < 0 for e in epochs[1:]):
-        problems.append(f"--sft-epochs needs one number per chain length ({args.chain_lengths}), -1 only first; "
-                        f"got {args.sft_epochs!r}")
+    problems += chain_length_problems(args.chain_lengths, args.sft_epochs)
+    if any(e.strip().startswith("-") for e in args.sft_epochs.split(",")[1:]):
+        problems.append(f"--sft-epochs: only the first chain length may take -1 (the demo's); got {args.sft_epochs!r}")
     if not all(s.strip().isdigit() for s in args.seeds.split(",")):
         problems.append(f"--seeds must be integers separated by commas, like 0,1,2; got {args.seeds!r}")
     if not set(args.critics.split(",")) <= {"mc", "value", "grpo", "rloo"}:
