@@ -65,6 +65,9 @@ WORKER = textwrap.dedent('''
         grads = {"policy." + n: p.grad for n, p in policy.named_parameters()}
         grads.update({"critic." + n: p.grad for n, p in critic.named_parameters()})
         torch.save({"grads": grads, "sums": dict(sums)}, sys.argv[2])
+    if world > 1:  # leave together: a rank that exits while gloo still talks to it can abort (SIGABRT) at exit
+        dist.barrier()
+        dist.destroy_process_group()
 ''')
 
 
