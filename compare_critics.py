@@ -1346,8 +1346,8 @@ def save_length_figure(rows: list[dict], critics: list[str], path: str) -> str:
 def lengths_main(argv: list[str]) -> dict:
     args = parse_length_args(argv)
     settings, critics, start = length_settings(args), args.critics.split(","), time.time()
-    os.makedirs(args.output_dir, exist_ok=True)
     if not args.report:
+        os.makedirs(args.output_dir, exist_ok=True)
         try:
             for i in range(len(settings)):  # the SFT models, each from the previous
                 train(sft_argv(i, settings, args), sft_dir(args, i))
