@@ -1109,8 +1109,8 @@ def parse_length_args(argv: list[str]) -> LengthArgs:
 
 # --- task settings per chain length (pure functions) --------------------------------------------
 def wrong_share(problems: list[dict]) -> float:
-    """The share of training solutions whose final line is not the true answer (the tutor slipped)."""
-    return sum(p["solution"].rsplit("#### ", 1)[-1] != p["answer"] for p in problems) / len(problems)
+    """The share of training solutions whose final answer, read as the grader reads it, is not the true one."""
+    return sum(vineppo.extract_gsm8k_answer(p["solution"]) != p["answer"] for p in problems) / len(problems)
 
 
 @functools.lru_cache
