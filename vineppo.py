@@ -56,15 +56,12 @@ from transformers import GenerationConfig, __version__ as transformers_version
 # PART I: THE METHOD, in the paper's order
 # ############################################################################################
 @dataclass
-class Args:
+class MethodArgs:
+    """The method's knobs, with the paper's values. Part II's `Args` adds the run options; functions take an Args."""
     model: str = "tiny"
     """'tiny' builds the offline demo model; else a short name (Qwen2.5-0.5B), a hub id or a local directory"""
     task: str = "auto"
     """'arith' (built-in), 'gsm8k' or 'math'; 'auto' = arith for the tiny model, gsm8k otherwise"""
-    dataset_path: str = ""
-    """local data in the hub's fields instead of the hub: 'train.jsonl' or 'train.jsonl,test.jsonl'"""
-    validation_size: int = -1
-    """train problems held out for validation; -1 = the paper's (5% of GSM8K, 500 of MATH, at most 1/10)"""
     critic: str = "mc"
     """where advantages come from: 'mc' = VinePPO's Monte Carlo values, 'value' = PPO's value network,
     'grpo' / 'rloo' = one advantage per response from its group of samples (no critic)"""
@@ -72,22 +69,6 @@ class Args:
     """K, continuations sampled from each state to estimate its value (paper: 9)"""
     iterations: int = -1
     """RL iterations (they set the LR decay); -1 = the paper's (650 GSM8K, 1000 MATH); 0 = SFT and evaluate only"""
-    seed: int = 0
-    """seed for python, torch and the task generator"""
-    output_dir: str = ""
-    """where metrics.jsonl and the final checkpoint go (default: runs/<task>-<critic>-seed<seed>)"""
-    overwrite: bool = False
-    """allow writing into an output directory that already holds a run"""
-    save_every: int = 10
-    """write <output-dir>/checkpoint.pt every this many iterations, after the pre-RL evaluation and at the end"""
-    resume: str = ""
-    """continue a stopped run: `--resume` alone reads <output-dir>/checkpoint.pt, `--resume FILE` that file"""
-    max_nonfinite_steps: int = 3
-    """stop the run when this many optimizer steps in a row had a non-finite loss or gradient"""
-    device: str = "auto"
-    """'auto' (cuda, then mps, then cpu), 'cpu', 'cuda' or 'mps'; under torchrun, one device per rank"""
-    dist_timeout: int = 600
-    """under torchrun: seconds a rank waits for the others before the run ends (a rank that died)"""
 
     # --- sampling (paper section 5 / appendix: 64 prompts x 8 samples, T=0.6, top_p=0.9, 1024 tokens)
     prompts_per_iteration: int = 64
@@ -106,20 +87,12 @@ class Args:
     """tokens per step with --step-split tokens"""
     max_states_per_response: int = -1
     """states valued per response (s_0 included; later ones get V = R); -1 = official: 26, all on MATH; 0 = all"""
-    rollout_batch_size: int = 256
-    """most sequences in one `generate` call (the memory bound of the rollout phases)"""
-    gradient_checkpointing: bool = False
-    """recompute activations in the backward pass: less GPU memory, slower updates"""
-    offload_reference: bool = False
-    """keep the frozen reference model on the CPU; it visits the GPU only to compute its log-probs"""
 
     # --- PPO update (paper: 2 epochs, minibatch 64, AdamW lr 1e-6, 3% warmup, clip 0.2, beta 1e-4)
     epochs: int = 2
     """passes over each iteration's responses (paper: 2)"""
     minibatch_size: int = 64
     """responses per optimizer step (paper: 64)"""
-    micro_batch_size: int = 16
-    """responses per forward/backward pass; gradients accumulate up to a minibatch (memory only)"""
     lr: float = 1e-6
     """AdamW learning rate of the policy and of the value network (paper: 1e-6)"""
     warmup_ratio: float = 0.03
@@ -148,30 +121,6 @@ class Args:
     """learning rate of the SFT stage (paper: 1e-5 for 1.1B models)"""
     sft_batch_size: int = 64
     """sequences per SFT step"""
-
-    # --- evaluation (paper: 16 samples per test problem at T=0.35, top_p 0.9)
-    eval_every: int = 10
-    """evaluate every this many iterations (and always before RL and at the end)"""
-    eval_problems: int = 0
-    """held-out problems used for evaluation; 0 = all of them"""
-    eval_samples: int = 16
-    """samples per held-out problem for pass@1 (paper: 16)"""
-    eval_temperature: float = 0.35
-    """sampling temperature of evaluation (paper: 0.35)"""
-    show_credit: int = 0
-    """at every evaluation, print this many of the iteration's responses step by step with V(s) and advantages"""
-
-    # --- built-in task
-    train_problems: int = 4000
-    """size of the built-in task's training set"""
-    test_problems: int = 500
-    """size of the built-in task's held-out test set"""
-    chain_length: str = "4-6"
-    """built-in task: operations per problem, 'MIN-MAX' or 'N'"""
-    slip_kinds: str = "mul,carry,borrow"
-    """built-in task: the SFT tutor's slips (any of mul: 7*2=9, carry: 18+5=13, borrow: 13-5=12; '' = none)"""
-    slip_rate: float = 0.3
-    """built-in task: how often the tutor slips at a step that invites one of its slip kinds"""
 
 
 # ============================================================================================
@@ -760,6 +709,67 @@ def main(argv: list[str] | None = None) -> dict:
 # ============================================================================================
 # Command line
 # ============================================================================================
+@dataclass
+class Args(MethodArgs):
+    """The run's options (not the algorithm). With Part I's `MethodArgs` they make every setting of a run."""
+
+    # --- the run: seed, where it writes, resuming
+    seed: int = 0
+    """seed for python, torch and the task generator"""
+    output_dir: str = ""
+    """where metrics.jsonl and the final checkpoint go (default: runs/<task>-<critic>-seed<seed>)"""
+    overwrite: bool = False
+    """allow writing into an output directory that already holds a run"""
+    save_every: int = 10
+    """write <output-dir>/checkpoint.pt every this many iterations, after the pre-RL evaluation and at the end"""
+    resume: str = ""
+    """continue a stopped run: `--resume` alone reads <output-dir>/checkpoint.pt, `--resume FILE` that file"""
+
+    # --- the machine: devices, processes, memory
+    device: str = "auto"
+    """'auto' (cuda, then mps, then cpu), 'cpu', 'cuda' or 'mps'; under torchrun, one device per rank"""
+    dist_timeout: int = 600
+    """under torchrun: seconds a rank waits for the others before the run ends (a rank that died)"""
+    rollout_batch_size: int = 256
+    """most sequences in one `generate` call (the memory bound of the rollout phases)"""
+    micro_batch_size: int = 16
+    """responses per forward/backward pass; gradients accumulate up to a minibatch (memory only)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass: less GPU memory, slower updates"""
+    offload_reference: bool = False
+    """keep the frozen reference model on the CPU; it visits the GPU only to compute its log-probs"""
+    max_nonfinite_steps: int = 3
+    """stop the run when this many optimizer steps in a row had a non-finite loss or gradient"""
+
+    # --- evaluation (paper: 16 samples per test problem at T=0.35, top_p 0.9) and the credit view
+    eval_every: int = 10
+    """evaluate every this many iterations (and always before RL and at the end)"""
+    eval_problems: int = 0
+    """held-out problems used for evaluation; 0 = all of them"""
+    eval_samples: int = 16
+    """samples per held-out problem for pass@1 (paper: 16)"""
+    eval_temperature: float = 0.35
+    """sampling temperature of evaluation (paper: 0.35)"""
+    show_credit: int = 0
+    """at every evaluation, print this many of the iteration's responses step by step with V(s) and advantages"""
+
+    # --- data: local files instead of the hub, and the built-in task
+    dataset_path: str = ""
+    """local data in the hub's fields instead of the hub: 'train.jsonl' or 'train.jsonl,test.jsonl'"""
+    validation_size: int = -1
+    """train problems held out for validation; -1 = the paper's (5% of GSM8K, 500 of MATH, at most 1/10)"""
+    train_problems: int = 4000
+    """size of the built-in task's training set"""
+    test_problems: int = 500
+    """size of the built-in task's held-out test set"""
+    chain_length: str = "4-6"
+    """built-in task: operations per problem, 'MIN-MAX' or 'N'"""
+    slip_kinds: str = "mul,carry,borrow"
+    """built-in task: the SFT tutor's slips (any of mul: 7*2=9, carry: 18+5=13, borrow: 13-5=12; '' = none)"""
+    slip_rate: float = 0.3
+    """built-in task: how often the tutor slips at a step that invites one of its slip kinds"""
+
+
 # The embedded demo (`--model tiny`, the default) trains a 0.8M-parameter model from scratch on a CPU in
 # minutes. These are the ONLY places where it departs from the paper's defaults (a flag typed still wins):
 # 14 iterations; lr 5e-5, not 1e-6 (a tiny model needs a larger step); 32 prompts x 8 samples in minibatches
@@ -774,10 +784,9 @@ TINY_DEMO_OVERRIDES = dict(iterations=14, prompts_per_iteration=32, samples_per_
 
 
 def _field_docs(cls) -> dict[str, str]:
-    """The docstring written under each dataclass field (the same trick tyro uses), for --help."""
-    body = ast.parse(inspect.getsource(cls)).body[0].body
+    """The docstring written under each field of a dataclass (the same trick tyro uses), for --help."""
     docs = {}
-    for node, nxt in zip(body, body[1:]):
+    for node, nxt in itertools.pairwise(ast.parse(inspect.getsource(cls)).body[0].body):
         if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
             docs[node.target.id] = nxt.value.value
     return docs
@@ -788,16 +797,19 @@ def dataclass_parser(cls, description: str, *, alone: dict[str, str] | None = No
     typed stays out of the parsed namespace (SUPPRESS). `alone` maps fields whose flag may be given
     without a value to the value it then takes (`--resume` alone = 'latest'). compare_critics.py uses it too."""
     parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS, epilog=epilog)
-    docs = {name: doc.replace("%", "%%") for name, doc in _field_docs(cls).items()}  # argparse formats with %
-    for f in fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            parser.add_argument(flag, action="store_true", help=docs[f.name])
-        elif f.name in (alone or {}):
-            parser.add_argument(flag, nargs="?", const=alone[f.name], metavar="FILE", help=docs[f.name])
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type]
-            parser.add_argument(flag, type=kind, metavar=f.name.upper(), help=f"{docs[f.name]} (default: {f.default!r})")
+    declared = {f.name: f for f in fields(cls)}
+    layers = [k for k in reversed(cls.__mro__) if "__dataclass_fields__" in k.__dict__]  # Part I's knobs first
+    for layer in layers:
+        group = parser.add_argument_group(layer.__doc__.split(". ")[0]) if len(layers) > 1 else parser
+        for name, doc in _field_docs(layer).items():
+            f, flag, doc = declared[name], "--" + name.replace("_", "-"), doc.replace("%", "%%")  # argparse formats %
+            if f.type == "bool":
+                group.add_argument(flag, action="store_true", help=doc)
+            elif name in (alone or {}):
+                group.add_argument(flag, nargs="?", const=alone[name], metavar="FILE", help=doc)
+            else:
+                kind = {"int": int, "float": float, "str": str}[f.type]
+                group.add_argument(flag, type=kind, metavar=name.upper(), help=f"{doc} (default: {f.default!r})")
     return parser
 
 
