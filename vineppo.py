@@ -783,6 +783,7 @@ TINY_DEMO_OVERRIDES = dict(iterations=14, prompts_per_iteration=32, samples_per_
                            value_lr=2e-3, critic_warmup=8)
 
 
+@functools.cache  # parsing the source is slow and the answer never changes
 def _field_docs(cls) -> dict[str, str]:
     """The docstring written under each field of a dataclass (the same trick tyro uses), for --help."""
     docs = {}
