@@ -130,6 +130,31 @@ def test_aggregate_means_paired_leads_and_halfway_by_hand():
     assert rows[("8-10", "grpo")]["halfway"] is None and rows[("8-10", "grpo")]["halfway_reached"] == (0, 1)
 
 
+def test_aggregate_lead_pairs_by_seed_when_a_method_misses_one():
+    """grpo has no seed-0 run: the lead pairs mc's seed 1 and 2 with grpo's, never mc's seed 0 with grpo's seed 1.
+    The gains differ by seed so that pairing by position gives another lead; value misses a seed of mc's too."""
+    runs = [run("4-6", "mc", "0", 0.5, 0.6), run("4-6", "mc", "1", 0.5, 0.9), run("4-6", "mc", "2", 0.5, 0.7),
+            run("4-6", "grpo", "1", 0.5, 0.6), run("4-6", "grpo", "2", 0.5, 0.7),
+            run("4-6", "value", "0", 0.5, 0.5), run("4-6", "value", "2", 0.5, 0.6)]
+    rows = {r["critic"]: r for r in cc.aggregate(runs, ["mc", "grpo", "value"])}
+    assert rows["grpo"]["seeds"] == ["1", "2"]
+    assert rows["grpo"]["lead"] == pytest.approx((0.15, math.sqrt(2 * 0.15 ** 2)))  # seed 1: +0.3, seed 2: 0.0
+    assert rows["value"]["lead"] == pytest.approx((0.1, 0.0))  # seed 0: +0.1, seed 2: +0.1
+
+
+def test_aggregate_halfway_targets_the_runs_own_seed():
+    """Seed 0 ends far higher (0.9) than seed 1 (0.6): seed 1's runs aim at 0.6, halfway 0.5, and reach it;
+    aiming at seed 0's 0.9 (halfway 0.65) neither would."""
+    runs = [run("4-6", "mc", "0", 0.5, 0.9), run("4-6", "grpo", "0", 0.5, 0.6),
+            run("4-6", "mc", "1", 0.4, 0.6, curve={0: 0.4, 1: 0.5, 2: 0.6}),
+            run("4-6", "grpo", "1", 0.4, 0.5, curve={0: 0.4, 1: 0.45, 2: 0.5})]
+    rows = {r["critic"]: r for r in cc.aggregate(runs, ["mc", "grpo"])}
+    assert rows["mc"]["halfway"]["iteration"] == pytest.approx((1.5, math.sqrt(0.5)))  # seed 0 at 2, seed 1 at 1
+    assert rows["mc"]["halfway_reached"] == (2, 2)
+    assert rows["grpo"]["halfway"]["iteration"] == pytest.approx((2.0, 0.0))  # seed 0 needs 0.7: not reached
+    assert rows["grpo"]["halfway_reached"] == (1, 2)
+
+
 def test_aggregate_halfway_when_no_method_gained():
     runs = [run("12-16", "mc", "0", 0.9, 0.88, curve={0: 0.9, 2: 0.95, 4: 0.88}), run("12-16", "grpo", "0", 0.9, 0.85),
             run("12-16", "mc", "1", 0.8, 0.9), run("12-16", "grpo", "1", 0.8, 0.82)]
