@@ -194,6 +194,51 @@ def test_run_state_new_resume_done_and_refused(tmp_path):
     assert "other settings (slip_rate)" in str(stop.value)
 
 
+def finish_by_hand(argv, run_dir, curve):
+    """A finished run as vineppo.py leaves it, for the report: final/args.json (the settings argv gives) and
+    metrics.jsonl, evaluated as `curve` says."""
+    os.makedirs(os.path.join(run_dir, "final"))
+    Path(run_dir, "final", "args.json").write_text(json.dumps(vars(vineppo.parse_args(argv))))
+    Path(run_dir, "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records(curve)))
+
+
+def test_report_leaves_out_runs_made_with_other_settings(tmp_path, monkeypatch, capsys):
+    """--report checks each finished run's settings as training does: a run made with others is left out and
+    named with the reason, and results.json holds only runs made with the settings it records."""
+    monkeypatch.setattr(cc, "MATCHED_SHARE_OF", ("2", 0.3))
+    flags = ["--chain-lengths", "2", "--sft-epochs=-1", "--seeds", "0,1", "--critics", "mc,grpo",
+             "--iterations", "2", "--eval-every", "1", "--output-dir", str(tmp_path)]
+    args = cc.parse_length_args(flags)
+    settings = cc.length_settings(args)
+    finish_by_hand(cc.sft_argv(0, settings, args), cc.sft_dir(args, 0), {0: 0.3})
+    for seed in ("0", "1"):
+        for critic in ("mc", "grpo"):
+            other = ["--iterations", "3"] if (critic, seed) == ("grpo", "1") else []  # not the experiment's 2
+            finish_by_hand(cc.rl_argv(0, seed, critic, settings, args) + other, cc.rl_dir(args, "2", critic, seed),
+                           {0: 0.3, 1: 0.4, 2: 0.5})
+    left = cc.rl_dir(args, "2", "grpo", "1")
+
+    out = cc.main(["--lengths", "--report"] + flags)
+    printed = capsys.readouterr().out
+    assert f"{left}: left out, made with other settings (iterations)" in printed
+    assert sorted(r["run"] for r in out["runs"]) == sorted(cc.rl_dir(args, "2", c, s) for c, s in
+                                                           [("mc", "0"), ("mc", "1"), ("grpo", "0")])
+    assert [r["seeds"] for r in out["rows"]] == [["0", "1"], ["0"]]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["args"]["iterations"] == 2 and len(saved["runs"]) == 3 and saved["left_out"] == {left: ["iterations"]}
+
+    out = cc.main(["--lengths", "--report"] + flags + ["--sft-epochs=0.5"])  # the SFT model had the demo's
+    assert f"{cc.sft_dir(args, 0)}: left out, made with other settings (sft_epochs)" in capsys.readouterr().out
+    assert out["sft_pass@1"] == {} and len(out["runs"]) == 3
+
+    report = (tmp_path / "results.json").read_bytes()
+    with pytest.raises(SystemExit) as stop:  # none was made with 20
+        cc.main(["--lengths", "--report"] + flags + ["--iterations", "20"])
+    assert "no finished run made with these settings" in str(stop.value) and "\n" not in str(stop.value)
+    assert capsys.readouterr().out.count("left out, made with other settings (iterations)") == 4
+    assert (tmp_path / "results.json").read_bytes() == report  # nothing written
+
+
 # ============================================================================================
 # 4. A tiny experiment end to end, then again (nothing trained), then one run resumed
 # ============================================================================================
