@@ -73,10 +73,11 @@ trains, per chain length of the built-in task (4-6, 8-10, 12-16 operations), an 
 demo's settings and the same iterations and evaluation for every method. The tutor's slip rate per step
 falls with the length so that the same share of its solutions ends wrong (`matched_slip_rate`): only the
 number of decisions changes. Runs go to <output-dir>/<length>/<critic>-seed<seed>/; a finished run is
-skipped, a stopped one resumes from its checkpoint, one made with other settings is refused. Prints and
-writes (results.json, lengths.png) pass@1 before -> after, the gain, the first method's gain minus each
-other's (paired by seed), the credit's explained variance, the halfway point (iteration and seconds to half
-the way from the start to the seed's best final pass@1, the paper's "time to PPO's peak" in small) and tokens.
+skipped, a stopped one resumes from its checkpoint, one made with other settings is refused (`--report`
+leaves it out and names it with the settings that differ). Prints and writes (results.json, lengths.png)
+pass@1 before -> after, the gain, the first method's gain minus each other's (paired by seed), the credit's
+explained variance, the halfway point (iteration and seconds to half the way from the start to the seed's best
+final pass@1, the paper's "time to PPO's peak" in small) and tokens.
 The default command took 1.6 hours on a 2-core CPU, OMP_NUM_THREADS=2 (3 SFTs 14 min, 27 RL runs 84 min, part of
 it beside another job); the 12-16 runs are the longest (VinePPO's about 5 min each).
 
@@ -1080,7 +1081,7 @@ class LengthArgs:
     output_dir: str = "runs/chain-lengths"
     """where the SFT runs sft-<length>/, the RL runs <length>/<critic>-seed<seed>/, results.json and lengths.png go"""
     report: bool = False
-    """train nothing: print the table and draw the figure from the runs finished so far"""
+    """train nothing: print the table and draw the figure from the runs finished so far with these settings"""
 
 
 # Held fixed across chain lengths: the share of the tutor's training solutions that end wrong, the demo's
@@ -1180,18 +1181,27 @@ def rl_dir(args: LengthArgs, chain_length: str, critic: str, seed: str) -> str:
 COMPARED_AWAY = ("output_dir", "overwrite", "resume", "device")  # may differ without changing a run
 
 
+def changed_settings(argv: list[str], output_dir: str) -> list[str] | None:
+    """None if output_dir holds no finished run (no final/args.json); else the settings its run was made with
+    that differ from those argv gives: [] for the run argv asks for. Training refuses a run made with other
+    settings (`run_state`), the report leaves it out (`finished_runs`)."""
+    settings_path = os.path.join(output_dir, "final", "args.json")
+    if not os.path.isfile(settings_path):
+        return None
+    with open(settings_path) as f:
+        saved = json.load(f)
+    planned = asdict(vineppo.parse_args(argv))
+    return sorted(k for k in planned if k not in COMPARED_AWAY and saved.get(k) != planned[k])
+
+
 def run_state(argv: list[str], output_dir: str) -> str:
     """'done' (final/ holds the settings argv gives), 'resume' (a checkpoint of a run stopped on the way)
     or 'new'. A finished run made with other settings is refused: the experiment's settings are fixed."""
-    settings_path = os.path.join(output_dir, "final", "args.json")
-    if os.path.isfile(settings_path):
-        with open(settings_path) as f:
-            saved = json.load(f)
-        planned = asdict(vineppo.parse_args(argv))
-        changed = sorted(k for k in planned if k not in COMPARED_AWAY and saved.get(k) != planned[k])
-        if changed:
-            sys.exit(f"error: {output_dir} was run with other settings ({', '.join(changed)}); "
-                     f"choose another --output-dir for these")
+    changed = changed_settings(argv, output_dir)
+    if changed:
+        sys.exit(f"error: {output_dir} was run with other settings ({', '.join(changed)}); "
+                 f"choose another --output-dir for these")
+    if changed == []:
         return "done"
     return "resume" if os.path.isfile(os.path.join(output_dir, "checkpoint.pt")) else "new"
 
@@ -1265,26 +1275,29 @@ def aggregate(runs: list[dict], critics: list[str]) -> list[dict]:
     return rows
 
 
-def finished_runs(args: LengthArgs) -> list[dict]:
-    """Every finished RL run of the experiment, summarised (`vineppo.summarize_run`) with its metrics."""
-    runs = []
-    for length in args.chain_lengths.split(","):
+def finished_runs(args: LengthArgs, settings: list[dict]) -> tuple[dict, list[dict], dict]:
+    """What the report reads, from the runs finished with the experiment's settings only (`changed_settings`,
+    the check training makes): each chain length's SFT pass@1 (256 held-out problems x 4) and every RL run,
+    summarised (`vineppo.summarize_run`) with its metrics. Also the finished runs left out, made with other
+    settings: {run directory: the settings that differ}."""
+    sft, runs, left_out = {}, [], {}
+
+    def made_with_these_settings(argv: list[str], run_dir: str) -> bool:
+        changed = changed_settings(argv, run_dir)
+        if changed:
+            left_out[run_dir] = changed
+        return changed == []
+
+    for i, task in enumerate(settings):
+        if made_with_these_settings(sft_argv(i, settings, args), sft_dir(args, i)):
+            sft[task["chain_length"]] = vineppo.read_metrics(sft_dir(args, i))[0]["eval/pass@1"]
         for seed in args.seeds.split(","):
             for critic in args.critics.split(","):
-                run_dir = rl_dir(args, length, critic, seed)
-                if os.path.isfile(os.path.join(run_dir, "final", "args.json")):
-                    runs.append({**vineppo.summarize_run(run_dir), "chain_length": length, "seed": seed,
+                run_dir = rl_dir(args, task["chain_length"], critic, seed)
+                if made_with_these_settings(rl_argv(i, seed, critic, settings, args), run_dir):
+                    runs.append({**vineppo.summarize_run(run_dir), "chain_length": task["chain_length"], "seed": seed,
                                  "records": vineppo.read_metrics(run_dir)})
-    return runs
-
-
-def sft_pass1(args: LengthArgs) -> dict:
-    """Each chain length's SFT pass@1 (its own evaluation, 256 held-out problems x 4), where finished."""
-    out = {}
-    for i, length in enumerate(args.chain_lengths.split(",")):
-        if os.path.isfile(os.path.join(sft_dir(args, i), "final", "args.json")):
-            out[length] = vineppo.read_metrics(sft_dir(args, i))[0]["eval/pass@1"]
-    return out
+    return sft, runs, left_out
 
 
 def print_length_table(rows: list[dict], sft: dict, settings: list[dict], critics: list[str]) -> None:
@@ -1336,7 +1349,8 @@ def save_length_figure(rows: list[dict], critics: list[str], path: str) -> str:
         ax.set_ylabel(f"{label} (mean ± std over seeds)", fontsize=9)
         ax.axhline(0, color="gray", lw=0.8)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # no lead to draw when only the first method has finished runs
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -1360,10 +1374,14 @@ def lengths_main(argv: list[str]) -> dict:
                 print("the experiment stopped; the same command continues it (finished runs are skipped)",
                       file=sys.stderr)
             raise
-    runs = finished_runs(args)
+    sft, runs, left_out = finished_runs(args, settings)
+    for run_dir, changed in left_out.items():
+        print(f"{run_dir}: left out, made with other settings ({', '.join(changed)})")
     if not runs:
-        sys.exit(f"error: {args.output_dir} holds no finished run yet; run python compare_critics.py --lengths")
-    rows, sft = aggregate(runs, critics), sft_pass1(args)
+        sys.exit(f"error: {args.output_dir} holds no finished run made with these settings; " + (
+            f"{len(left_out)} made with others are named above: give the flags they were made with" if left_out
+            else "run python compare_critics.py --lengths"))
+    rows = aggregate(runs, critics)
     print_length_table(rows, sft, settings, critics)
     try:
         figure = save_length_figure(rows, critics, os.path.join(args.output_dir, "lengths.png"))
@@ -1371,7 +1389,8 @@ def lengths_main(argv: list[str]) -> dict:
         figure = None
         print("matplotlib is not installed: no lengths.png (pip install matplotlib)")
     out = {"args": asdict(args), "settings": settings, "sft_pass@1": sft, "rows": rows, "figure": figure,
-           "runs": [{k: v for k, v in r.items() if k != "records"} for r in runs], "seconds": time.time() - start}
+           "runs": [{k: v for k, v in r.items() if k != "records"} for r in runs], "left_out": left_out,
+           "seconds": time.time() - start}
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump(out, f, indent=1)
     print(f"{len(runs)} runs | {os.path.join(args.output_dir, 'results.json')}" + (f", {figure}" if figure else ""))

@@ -130,6 +130,31 @@ def test_aggregate_means_paired_leads_and_halfway_by_hand():
     assert rows[("8-10", "grpo")]["halfway"] is None and rows[("8-10", "grpo")]["halfway_reached"] == (0, 1)
 
 
+def test_aggregate_lead_pairs_by_seed_when_a_method_misses_one():
+    """grpo has no seed-0 run: the lead pairs mc's seed 1 and 2 with grpo's, never mc's seed 0 with grpo's seed 1.
+    The gains differ by seed so that pairing by position gives another lead; value misses a seed of mc's too."""
+    runs = [run("4-6", "mc", "0", 0.5, 0.6), run("4-6", "mc", "1", 0.5, 0.9), run("4-6", "mc", "2", 0.5, 0.7),
+            run("4-6", "grpo", "1", 0.5, 0.6), run("4-6", "grpo", "2", 0.5, 0.7),
+            run("4-6", "value", "0", 0.5, 0.5), run("4-6", "value", "2", 0.5, 0.6)]
+    rows = {r["critic"]: r for r in cc.aggregate(runs, ["mc", "grpo", "value"])}
+    assert rows["grpo"]["seeds"] == ["1", "2"]
+    assert rows["grpo"]["lead"] == pytest.approx((0.15, math.sqrt(2 * 0.15 ** 2)))  # seed 1: +0.3, seed 2: 0.0
+    assert rows["value"]["lead"] == pytest.approx((0.1, 0.0))  # seed 0: +0.1, seed 2: +0.1
+
+
+def test_aggregate_halfway_targets_the_runs_own_seed():
+    """Seed 0 ends far higher (0.9) than seed 1 (0.6): seed 1's runs aim at 0.6, halfway 0.5, and reach it;
+    aiming at seed 0's 0.9 (halfway 0.65) neither would."""
+    runs = [run("4-6", "mc", "0", 0.5, 0.9), run("4-6", "grpo", "0", 0.5, 0.6),
+            run("4-6", "mc", "1", 0.4, 0.6, curve={0: 0.4, 1: 0.5, 2: 0.6}),
+            run("4-6", "grpo", "1", 0.4, 0.5, curve={0: 0.4, 1: 0.45, 2: 0.5})]
+    rows = {r["critic"]: r for r in cc.aggregate(runs, ["mc", "grpo"])}
+    assert rows["mc"]["halfway"]["iteration"] == pytest.approx((1.5, math.sqrt(0.5)))  # seed 0 at 2, seed 1 at 1
+    assert rows["mc"]["halfway_reached"] == (2, 2)
+    assert rows["grpo"]["halfway"]["iteration"] == pytest.approx((2.0, 0.0))  # seed 0 needs 0.7: not reached
+    assert rows["grpo"]["halfway_reached"] == (1, 2)
+
+
 def test_aggregate_halfway_when_no_method_gained():
     runs = [run("12-16", "mc", "0", 0.9, 0.88, curve={0: 0.9, 2: 0.95, 4: 0.88}), run("12-16", "grpo", "0", 0.9, 0.85),
             run("12-16", "mc", "1", 0.8, 0.9), run("12-16", "grpo", "1", 0.8, 0.82)]
@@ -167,6 +192,51 @@ def test_run_state_new_resume_done_and_refused(tmp_path):
     with pytest.raises(SystemExit) as stop:
         cc.run_state(argv, out)
     assert "other settings (slip_rate)" in str(stop.value)
+
+
+def finish_by_hand(argv, run_dir, curve):
+    """A finished run as vineppo.py leaves it, for the report: final/args.json (the settings argv gives) and
+    metrics.jsonl, evaluated as `curve` says."""
+    os.makedirs(os.path.join(run_dir, "final"))
+    Path(run_dir, "final", "args.json").write_text(json.dumps(vars(vineppo.parse_args(argv))))
+    Path(run_dir, "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records(curve)))
+
+
+def test_report_leaves_out_runs_made_with_other_settings(tmp_path, monkeypatch, capsys):
+    """--report checks each finished run's settings as training does: a run made with others is left out and
+    named with the reason, and results.json holds only runs made with the settings it records."""
+    monkeypatch.setattr(cc, "MATCHED_SHARE_OF", ("2", 0.3))
+    flags = ["--chain-lengths", "2", "--sft-epochs=-1", "--seeds", "0,1", "--critics", "mc,grpo",
+             "--iterations", "2", "--eval-every", "1", "--output-dir", str(tmp_path)]
+    args = cc.parse_length_args(flags)
+    settings = cc.length_settings(args)
+    finish_by_hand(cc.sft_argv(0, settings, args), cc.sft_dir(args, 0), {0: 0.3})
+    for seed in ("0", "1"):
+        for critic in ("mc", "grpo"):
+            other = ["--iterations", "3"] if (critic, seed) == ("grpo", "1") else []  # not the experiment's 2
+            finish_by_hand(cc.rl_argv(0, seed, critic, settings, args) + other, cc.rl_dir(args, "2", critic, seed),
+                           {0: 0.3, 1: 0.4, 2: 0.5})
+    left = cc.rl_dir(args, "2", "grpo", "1")
+
+    out = cc.main(["--lengths", "--report"] + flags)
+    printed = capsys.readouterr().out
+    assert f"{left}: left out, made with other settings (iterations)" in printed
+    assert sorted(r["run"] for r in out["runs"]) == sorted(cc.rl_dir(args, "2", c, s) for c, s in
+                                                           [("mc", "0"), ("mc", "1"), ("grpo", "0")])
+    assert [r["seeds"] for r in out["rows"]] == [["0", "1"], ["0"]]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["args"]["iterations"] == 2 and len(saved["runs"]) == 3 and saved["left_out"] == {left: ["iterations"]}
+
+    out = cc.main(["--lengths", "--report"] + flags + ["--sft-epochs=0.5"])  # the SFT model had the demo's
+    assert f"{cc.sft_dir(args, 0)}: left out, made with other settings (sft_epochs)" in capsys.readouterr().out
+    assert out["sft_pass@1"] == {} and len(out["runs"]) == 3
+
+    report = (tmp_path / "results.json").read_bytes()
+    with pytest.raises(SystemExit) as stop:  # none was made with 20
+        cc.main(["--lengths", "--report"] + flags + ["--iterations", "20"])
+    assert "no finished run made with these settings" in str(stop.value) and "\n" not in str(stop.value)
+    assert capsys.readouterr().out.count("left out, made with other settings (iterations)") == 4
+    assert (tmp_path / "results.json").read_bytes() == report  # nothing written
 
 
 # ============================================================================================
