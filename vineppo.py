@@ -2096,6 +2096,8 @@ def checkpoint_problems(checkpoint) -> list[str]:
     if isinstance(checkpoint.get("rng"), dict) and not {"python", "torch"} <= set(checkpoint["rng"]):
         problems.append("'rng' lacks the python or torch random state")
     world = checkpoint.get("world_size")
+    if isinstance(world, int) and world < 1:
+        problems.append(f"'world_size' is {world}, not a number of processes")
     if isinstance(world, int) and world > 1 and not (isinstance(checkpoint.get("rank_rng"), list) and
                                                      len(checkpoint["rank_rng"]) == world and
                                                      all(isinstance(r, dict) and {"python", "torch"} <= set(r)

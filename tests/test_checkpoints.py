@@ -190,7 +190,7 @@ def _nan_weight(c):
     (_set_in("optimizers", 0, "state", 10_000, {}), "optimizers[0]['state'][10000]"),
     (_two_ranks(None), "'rank_rng' does not hold one random state per rank"),
     (_two_ranks(lambda c: [c["rng"]]), "'rank_rng' does not hold one random state per rank"),
-    (_two_ranks(lambda c: [c["rng"], 1]), "'rank_rng' does not hold one random state per rank"),
+    (_set("world_size", 0), "'world_size' is 0"),
     (_nan_weight, "holds non-finite weights"),
 ], ids=["history empty", "history [1]", "a record not a dict", "iteration past the history", "iteration negative",
         "no pass@1 before RL", "a tensor in a record", "a string in a record", "a record of another iteration",
@@ -198,7 +198,7 @@ def _nan_weight(c):
         "scheduler _last_lr a tensor", "scheduler without last_epoch", "scheduler flag a string", "lr a string",
         "eps infinite", "betas a number", "param group without lr", "param index a string", "optimizer state not a dict",
         "moment of another shape", "moment a float", "state of no parameter", "two ranks, no rank_rng",
-        "two ranks, one rank_rng", "two ranks, a rank_rng not a state", "nan weights"])
+        "two ranks, one rank_rng", "no processes", "nan weights"])
 def test_a_checkpoint_with_values_a_resume_cannot_use_is_refused_before_anything_is_written(saved_run, tmp_path, edit,
                                                                                           expected):
     run_dir = _edit(saved_run, tmp_path, edit)
