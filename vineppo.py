@@ -2135,8 +2135,9 @@ def state_problems(saved, fresh, where: str) -> list[str]:
         if not isinstance(saved, dict):
             return [f"{where} is not a dict"]
         missing = [key for key, f in fresh.items() if key not in saved and not (isinstance(f, bool) or f is None)]
-        return ([f"{where} lacks {missing[0]!r}"] if missing else
-                [p for key in fresh if key in saved for p in state_problems(saved[key], fresh[key], f"{where}[{key!r}]")])
+        if missing:
+            return [f"{where} lacks {missing[0]!r}"]
+        return [p for key in fresh if key in saved for p in state_problems(saved[key], fresh[key], f"{where}[{key!r}]")]
     number = isinstance(saved, (int, float)) and not isinstance(saved, bool)
     if isinstance(fresh, bool) or fresh is None:  # a flag: amsgrad, foreach, ...
         kind, ok = "a flag", isinstance(saved, bool) or saved is None
