@@ -847,7 +847,8 @@ def resumed_args(args: Args, given: dict) -> Args:
         path = os.path.join(path, "checkpoint.pt")
     if not os.path.isfile(path):
         sys.exit(f"error: no checkpoint at {path}; give --output-dir of the run to resume or --resume FILE")
-    saved = read_checkpoint(path)["args"]
+    checkpoint = read_checkpoint(path)
+    saved = checkpoint["args"]
     given = {**given, "model": resolve_model_name(given["model"])} if "model" in given else given  # as saved
     changed = [name for name, value in given.items() if name not in RESUME_MAY_CHANGE and value != saved.get(name)
                and not (name == "task" and value == "auto")]
@@ -855,6 +856,9 @@ def resumed_args(args: Args, given: dict) -> Args:
         sys.exit(f"error: a resumed run keeps its settings; drop {', '.join('--' + n.replace('_', '-') for n in changed)} "
                  f"(only {', '.join('--' + n.replace('_', '-') for n in RESUME_MAY_CHANGE[2:])} may change)")
     resumed = Args(**{**saved, **{name: given[name] for name in RESUME_MAY_CHANGE if name in given}})
+    if resumed.iterations < checkpoint["iteration"]:
+        sys.exit(f"error: {path} was saved after iteration {checkpoint['iteration']}; resume it with --iterations "
+                 f"{checkpoint['iteration']} or more")
     resumed.resume = path
     resumed.output_dir = given.get("output_dir", os.path.dirname(path) or ".")
     return resumed
@@ -2105,14 +2109,82 @@ def checkpoint_problems(checkpoint) -> list[str]:
     if isinstance(checkpoint.get("rng"), dict) and not {"python", "torch"} <= set(checkpoint["rng"]):
         problems.append("'rng' lacks the python or torch random state")
     world = checkpoint.get("world_size")
+    if isinstance(world, int) and world < 1:
+        problems.append(f"'world_size' is {world}, not a number of processes")
     if isinstance(world, int) and world > 1 and not (isinstance(checkpoint.get("rank_rng"), list) and
-                                                     len(checkpoint["rank_rng"]) == world):
+                                                     len(checkpoint["rank_rng"]) == world and
+                                                     all(isinstance(r, dict) and {"python", "torch"} <= set(r)
+                                                         for r in checkpoint["rank_rng"])):
         problems.append("'rank_rng' does not hold one random state per rank")
+    if isinstance(checkpoint.get("iteration"), int) and isinstance(checkpoint.get("history"), list):
+        problems += history_problems(checkpoint["history"], checkpoint["iteration"])
     return problems
 
 
+def history_problems(history: list, iteration: int) -> list[str]:
+    """What a resume cannot use in the saved metrics: one record per iteration 0..iteration, each a dict of
+    numbers holding its own 'iteration', the first with the pass@1 before RL that the final line compares to."""
+    if iteration < 0 or len(history) != iteration + 1:
+        return [f"'history' holds {len(history)} records for iterations 0 to {iteration}"]
+    for i, record in enumerate(history):
+        numbers = isinstance(record, dict) and all(isinstance(k, str) and isinstance(v, (int, float)) and
+                                                   not isinstance(v, bool) for k, v in record.items())
+        if not numbers or record.get("iteration") != i:
+            return [f"history record {i} is not a dict of numbers with 'iteration': {i}"]
+        if not all(math.isfinite(record[key]) for key in ("eval/pass@1", "time/elapsed_s") if key in record):
+            return [f"history record {i} has a non-finite pass@1 or elapsed time"]
+    return [] if "eval/pass@1" in history[0] else ["history record 0 lacks 'eval/pass@1' (the pass@1 before RL)"]
+
+
+def state_problems(saved, fresh, where: str) -> list[str]:
+    """Where a saved optimizer or scheduler state differs in kind from a freshly built one's: a flag where it has
+    a flag, an int where an int, a finite number where a float, a list of its length, a dict with its keys (a
+    missing flag keeps its default, as torch does for the states of older versions)."""
+    if isinstance(fresh, (list, tuple)):
+        if not (isinstance(saved, (list, tuple)) and len(saved) == len(fresh)):
+            return [f"{where} is not a list of {len(fresh)}"]
+        return [p for i, (s, f) in enumerate(zip(saved, fresh)) for p in state_problems(s, f, f"{where}[{i}]")]
+    if isinstance(fresh, dict):
+        if not isinstance(saved, dict):
+            return [f"{where} is not a dict"]
+        missing = [key for key, f in fresh.items() if key not in saved and not (isinstance(f, bool) or f is None)]
+        if missing:
+            return [f"{where} lacks {missing[0]!r}"]
+        return [p for key in fresh if key in saved for p in state_problems(saved[key], fresh[key], f"{where}[{key!r}]")]
+    number = isinstance(saved, (int, float)) and not isinstance(saved, bool)
+    if isinstance(fresh, bool) or fresh is None:  # a flag: amsgrad, foreach, ...
+        kind, ok = "a flag", isinstance(saved, bool) or saved is None
+    elif isinstance(fresh, int):  # last_epoch, _step_count, a parameter's index
+        kind, ok = "an int", number and isinstance(saved, int)
+    elif isinstance(fresh, float):  # lr, eps, base_lrs, ...
+        kind, ok = "a finite number", number and math.isfinite(saved)
+    else:
+        kind, ok = f"a {type(fresh).__name__}", type(saved) is type(fresh)
+    return [] if ok else [f"{where} = {str(saved)[:40]!r} is not {kind}"]
+
+
+def optimizer_state_problems(saved: dict, optimizer, where: str) -> list[str]:
+    """A saved optimizer state's per-parameter tensors (AdamW's step and moments): each a scalar or of the
+    shape of the parameter it belongs to (its settings are checked by `state_problems`)."""
+    ids = [i for group in saved["param_groups"] for i in group["params"]]
+    shapes = dict(zip(ids, (p.shape for group in optimizer.param_groups for p in group["params"])))
+    for index, state in saved["state"].items():  # `state_problems` made sure it is a dict
+        if not (index in shapes and isinstance(state, dict) and
+                all(torch.is_tensor(t) and t.shape in (torch.Size([]), shapes[index]) for t in state.values())):
+            return [f"{where}['state'][{index!r}] is not a dict of tensors shaped like its parameter"]
+    return []
+
+
 def restore_checkpoint(checkpoint: dict, run: Run, path: str) -> None:
-    """Put the run back as it was saved; weights of another shape (another model) end the run with one line."""
+    """Put the run back as it was saved; weights of another shape (another model), and optimizer or scheduler
+    states a step could not use, end the run with one line (every state is checked before the first is loaded)."""
+    problems = [p for owner, name in [(run.optimizers, "optimizers"), (run.schedulers, "schedulers")]
+                for i, (item, state) in enumerate(zip(owner, checkpoint[name]))
+                for p in state_problems(state, item.state_dict(), f"{name}[{i}]") or
+                (optimizer_state_problems(state, item, f"{name}[{i}]") if name == "optimizers" else [])]
+    if problems:
+        sys.exit(f"error: {path} is not a checkpoint of vineppo.py ({problems[0]}); resume from another checkpoint "
+                 f"or start a new run")
     try:
         run.policy.load_state_dict(checkpoint["policy"])
         run.reference.load_state_dict(checkpoint["reference"])
@@ -2134,6 +2206,8 @@ def restore_checkpoint(checkpoint: dict, run: Run, path: str) -> None:
         first_line = str(error).strip().split("\n")[0][:200]
         sys.exit(f"error: {path} does not fit this run ({type(error).__name__}: {first_line}); resume it with the "
                  f"model and settings it was saved with, or start a new run")
+    if not all_finite(run.policy, run.reference, run.value_model):
+        sys.exit(f"error: {path} holds non-finite weights; resume from another checkpoint or start a new run")
     run.history, run.iteration = checkpoint["history"], checkpoint["iteration"]
     run.nonfinite_in_a_row = checkpoint["nonfinite_in_a_row"]
 

@@ -1090,3 +1090,28 @@ def test_assign_credit_value_passes_gamma_and_lambda_to_gae_each_in_its_place():
     advantages, returns, _ = vineppo.assign_credit([e], batch, fixed, None, None, [], args)
     assert advantages[0].tolist() == pytest.approx([-0.285, 0.225, 0.25])
     assert returns[0].tolist() == pytest.approx([-0.285 + 0.5, 0.225 + 0.25, 0.25 + 0.75])
+
+
+def test_the_update_clips_the_value_loss_around_the_values_the_batch_was_sampled_with():
+    """minibatch_backward clips the critic's loss around V_old, the values fixed before the update (PPO's value
+    clipping), never around the values being trained. On hand-made inputs with V_old = V - 0.5 and returns
+    V + 1 on every token, clip(V, V_old +- 0.2) = V - 0.3 and the clipped term wins: 0.5 * 1.3^2 = 0.845 per
+    token, with a zero gradient (clipped around V itself: 0.5 * 1^2 = 0.5, with a gradient)."""
+    tok = vineppo.build_tiny_tokenizer()
+    with torch.random.fork_rng():  # the models and the critic's head are seeded, the global stream untouched
+        policy = vineppo.build_tiny_model(tok, seed=0).eval()
+        torch.manual_seed(0)
+        critic = vineppo.ValueNetwork.from_policy(policy).eval()
+    episodes = [_char_episode(tok, vineppo.make_prompt("Start at 2: +1."), "\n2+1=3\n#### 3"),
+                _char_episode(tok, vineppo.make_prompt("Start at 9: *8, -5."), "\n9*8=72\n72-5=67\n#### 67")]
+    batch = collate_episodes(episodes, tok.pad_token_id)
+    mask = batch["response_mask"]  # [2, T]
+    with torch.no_grad():
+        values = vineppo.response_values(critic, batch)  # [2, T], V of the critic as it is now
+        logp = vineppo.response_logprobs(policy, batch, 0.6)
+    fixed = {"logp_old": logp, "logp_ref": logp, "values_old": (values - 0.5) * mask}
+    args = vineppo.Args(critic="value", temperature=0.6, micro_batch_size=1, value_clip_range=0.2)
+    sums = vineppo.minibatch_backward(policy, critic, batch, fixed, torch.zeros_like(mask), (values + 1.0) * mask,
+                                      torch.arange(2), args, torch.device("cpu"))
+    assert sums["value_loss"] == pytest.approx(0.845, abs=1e-4)  # 0.5 if clipped around V
+    assert all(p.grad is None or not p.grad.any() for p in critic.parameters())
