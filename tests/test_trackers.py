@@ -66,8 +66,9 @@ def read_wandb(out: Path) -> tuple[dict, dict]:
             assert step not in records, f"iteration {step} logged twice"
             records[step] = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
                              for item in record.history.item if not (item.key or item.nested_key[0]).startswith("_")}
-        for update in [record.run.config] if record.HasField("run") else [record.config] if record.HasField("config") else []:
-            config.update({item.key: json.loads(item.value_json) for item in update.update})
+        if record.HasField("run") or record.HasField("config"):  # the config comes with the run, updates after it
+            updates = record.run.config.update if record.HasField("run") else record.config.update
+            config.update({item.key: json.loads(item.value_json) for item in updates})
     return records, config
 
 
