@@ -2236,8 +2236,10 @@ def open_trackers(args: Args, run: Run, resumed: bool) -> list:
     name, config, opened = args.run_name or os.path.basename(os.path.abspath(args.output_dir)), asdict(args), []
     if "trackio" in chosen:  # local: a SQLite store under TRACKIO_DIR (default ~/.cache/huggingface/trackio)
         import trackio
+        state = random.getstate()  # trackio.init draws from python's random: the run's stream stays as it was
         trackio.init(project=os.environ.get("TRACKIO_PROJECT", "vineppo"), name=name, config=config,
                      resume="allow" if resumed else "never")
+        random.setstate(state)
         opened.append((lambda record: trackio.log(record, step=record["iteration"]), lambda code: trackio.finish()))
     if "wandb" in chosen:
         import wandb
