@@ -24,6 +24,7 @@ import atexit
 import bisect
 import copy
 import functools
+import importlib.util
 import inspect
 import itertools
 import json
@@ -43,6 +44,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -753,6 +755,12 @@ class Args(MethodArgs):
     show_credit: int = 0
     """at every evaluation, print this many of the iteration's responses step by step with V(s) and advantages"""
 
+    # --- live dashboards (TRL's `report_to`; optional packages, imported only when chosen)
+    report_to: str = "none"
+    """send each iteration's metrics to 'trackio', 'wandb', 'tensorboard' or a comma-separated list; 'none' = off"""
+    run_name: str = ""
+    """the run's name in those dashboards (default: the output directory's name)"""
+
     # --- data: local files instead of the hub, and the built-in task
     dataset_path: str = ""
     """local data in the hub's fields instead of the hub: 'train.jsonl' or 'train.jsonl,test.jsonl'"""
@@ -906,6 +914,11 @@ def check_args(args: Args) -> None:
     if args.minibatch_size > args.prompts_per_iteration * args.samples_per_prompt:
         problems.append(f"--minibatch-size {args.minibatch_size} is larger than the batch of "
                         f"{args.prompts_per_iteration * args.samples_per_prompt} responses per iteration")
+    for tracker in set(args.report_to.split(",")) - {"none"}:
+        if tracker not in TRACKERS:
+            problems.append(f"--report-to takes none or a comma-separated list of {', '.join(TRACKERS)}; got {tracker!r}")
+        elif importlib.util.find_spec(tracker) is None:
+            problems.append(f"--report-to {tracker} needs the {tracker} package: pip install {tracker}")
     if problems:
         sys.exit("error: " + "; ".join(problems))
 
@@ -1856,6 +1869,7 @@ class Run:
     iteration: int = 0  # the last iteration saved in a checkpoint
     nonfinite_in_a_row: int = 0  # optimizer steps skipped in a row for a non-finite loss (spans iterations)
     start_time: float = 0.0  # wall clock of the RL part, continued on resume
+    trackers: list = field(default_factory=list)  # --report-to: (log, close) per open tracker; not saved
 
 
 def start_run(args: Args) -> Run:
@@ -1914,6 +1928,7 @@ def start_run(args: Args) -> Run:
         rewrite_metrics(args, run.history)  # drop records written after the checkpoint
         print(f"resumed {args.resume} after iteration {run.iteration}")
     run.start_time = time.time() - run.history[-1].get("time/elapsed_s", 0.0)  # elapsed time continues
+    run.trackers = open_trackers(args, run, resumed=checkpoint is not None)  # --report-to
     return run
 
 
@@ -1962,6 +1977,7 @@ def end_iteration(run: Run, record: dict, episodes: list[Episode], stats: dict, 
         evaluate_into(record, run, args)
     record["time/elapsed_s"] = time.time() - run.start_time
     log_metrics(args, record)
+    report(run.trackers, record)
     run.history.append(record)
     stop_now = global_sum(float(stop.received is not None)) > 0  # every rank stops after the same iteration
     if stop_now or (args.save_every and iteration % args.save_every == 0) or iteration == args.iterations:
@@ -2236,6 +2252,7 @@ class StopSignals:
         return self
 
     def __exit__(self, kind, error, traceback):
+        close_trackers(self.run, error)  # --report-to: the end, a stop or an error
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         if kind is FloatingPointError and self.run is not None:  # the NaN never reached the weights or a checkpoint
@@ -2275,6 +2292,68 @@ def rewrite_metrics(args: Args, history: list[dict]) -> None:
         with open(temporary, "w") as f:
             f.writelines(json.dumps(record) + "\n" for record in history)
     write_atomically(os.path.join(args.output_dir, "metrics.jsonl"), write)
+
+
+# ============================================================================================
+# Live dashboards: --report-to trackio, wandb, tensorboard (TRL's `report_to`)
+# ============================================================================================
+TRACKERS = ("trackio", "wandb", "tensorboard")  # each name is also the pip package that provides it
+
+
+def open_trackers(args: Args, run: Run, resumed: bool) -> list:
+    """Open the run in each --report-to tracker (rank 0 only) with the settings as its config, log the records
+    so far of a new run, and return one (log, close) pair per tracker. A resumed run continues its tracker run:
+    W&B by the id kept in <output-dir>/wandb-run-id, trackio by name, TensorBoard in <output-dir>/tensorboard,
+    where purge_step drops what was logged after the checkpoint (iterations that run again)."""
+    chosen = [name for name in TRACKERS if name in args.report_to.split(",")]
+    if not chosen or rank_and_world()[0] > 0:
+        return []
+    name, config, opened = args.run_name or os.path.basename(os.path.abspath(args.output_dir)), asdict(args), []
+    if "trackio" in chosen:  # local: a SQLite store under TRACKIO_DIR (default ~/.cache/huggingface/trackio)
+        import trackio
+        state = random.getstate()  # trackio.init draws from python's random: the run's stream stays as it was
+        trackio.init(project=os.environ.get("TRACKIO_PROJECT", "vineppo"), name=name, config=config,
+                     resume="allow" if resumed else "never")
+        random.setstate(state)
+        opened.append((lambda record: trackio.log(record, step=record["iteration"]), lambda code: trackio.finish()))
+    if "wandb" in chosen:
+        import wandb
+        id_file = os.path.join(args.output_dir, "wandb-run-id")
+        if not (resumed and os.path.exists(id_file)):  # a new run, a new id (os.urandom: not the seeded streams)
+            write_atomically(id_file, lambda temporary: Path(temporary).write_text(os.urandom(4).hex()))
+        run_id = Path(id_file).read_text().strip()
+        mode = None if os.environ.get("WANDB_MODE") or wandb.login(prompt=False) else "offline"  # never a prompt
+        if mode:
+            print(f"W&B: no API key (wandb login) and WANDB_MODE unset: logging offline; upload with: wandb sync "
+                  f"{os.path.join(args.output_dir, 'wandb', 'offline-run-*')}")
+        wandb_run = wandb.init(project=os.environ.get("WANDB_PROJECT", "vineppo"), name=name, id=run_id,
+                               resume="allow", config=config, dir=args.output_dir, mode=mode)
+        opened.append((lambda record: wandb_run.log(record, step=record["iteration"]), wandb_run.finish))
+    if "tensorboard" in chosen:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(os.path.join(args.output_dir, "tensorboard"), purge_step=run.iteration + 1 if resumed else 0)
+        writer.add_text("config", f"```\n{json.dumps(config, indent=2)}\n```")
+        opened.append((lambda record: [writer.add_scalar(key, value, record["iteration"]) for key, value in record.items()],
+                       lambda code: writer.close()))
+    for record in [] if resumed else run.history:
+        report(opened, record)
+    return opened
+
+
+def report(trackers: list, record: dict) -> None:
+    """Send one iteration's record (metrics.jsonl's keys, its numbers) to every open tracker."""
+    numbers = {key: value for key, value in record.items() if isinstance(value, (int, float))}
+    for log, _ in trackers:
+        log(numbers)
+
+
+def close_trackers(run: Run | None, error: BaseException | None) -> None:
+    """End every tracker's run: at the end of the loop, on a stop (Ctrl-C, SIGTERM) and on an error."""
+    code = 0 if error is None else error.code if isinstance(error, SystemExit) and isinstance(error.code, int) else 1
+    for _, close in run.trackers if run is not None else []:
+        close(code)
+    if run is not None:
+        run.trackers = []
 
 
 # ============================================================================================

@@ -30,6 +30,8 @@ FLAGS_BEFORE = [
     ("slip_rate", 0.3),
 ]
 
+FLAGS_ADDED = [("report_to", "none"), ("run_name", "")]  # options added since, at the end of --help
+
 
 def help_flags() -> dict[str, str]:
     """flag -> the default its `--help` line prints ('' for on/off flags and --resume, which print none)."""
@@ -43,10 +45,10 @@ def help_flags() -> dict[str, str]:
 
 def test_help_lists_the_same_flags_with_the_same_defaults():
     expected = {"--" + name.replace("_", "-"): "" if isinstance(value, bool) or name == "resume" else repr(value)
-                for name, value in FLAGS_BEFORE}
+                for name, value in FLAGS_BEFORE + FLAGS_ADDED}
     assert help_flags() == {"--help": "", **expected}
     parsed = vineppo.Args()
-    assert {name: getattr(parsed, name) for name, _ in FLAGS_BEFORE} == dict(FLAGS_BEFORE)
+    assert {name: getattr(parsed, name) for name, _ in FLAGS_BEFORE + FLAGS_ADDED} == dict(FLAGS_BEFORE + FLAGS_ADDED)
 
 
 def test_help_shows_the_method_first_then_the_run():
@@ -71,14 +73,16 @@ def test_part_one_declares_only_the_method_and_every_field_is_in_one_object():
 
 def test_a_checkpoint_written_before_the_move_resumes(tmp_path):
     """Before the move a checkpoint's settings were `asdict` of one dataclass, in FLAGS_BEFORE's order; the names
-    are the same since, so such a checkpoint (the order restored) must resume and finish."""
+    are the same since, so such a checkpoint (the order restored, the options added since left out: they take
+    their defaults) must resume and finish."""
     out = tmp_path / "run"
     vineppo.main(TINY_RUN + ["--iterations", "1", "--output-dir", str(out)])
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert set(checkpoint["args"]) == {name for name, _ in FLAGS_BEFORE}
+    assert set(checkpoint["args"]) == {name for name, _ in FLAGS_BEFORE + FLAGS_ADDED}
     checkpoint["args"] = {name: checkpoint["args"][name] for name, _ in FLAGS_BEFORE}
     torch.save(checkpoint, out / "checkpoint.pt")
     result = vineppo.main(["--output-dir", str(out), "--resume", "--iterations", "2"])
     assert [r["iteration"] for r in vineppo.read_metrics(str(out))] == [0, 1, 2]
     saved = json.loads((out / "final" / "args.json").read_text())
-    assert saved == {**checkpoint["args"], "iterations": 2, "resume": str(out / "checkpoint.pt")} and len(result["history"]) == 2
+    assert saved == {**checkpoint["args"], "iterations": 2, "resume": str(out / "checkpoint.pt"),
+                     **dict(FLAGS_ADDED)} and len(result["history"]) == 2
