@@ -175,6 +175,7 @@ def test_torchrun_logs_checkpoints_stops_on_ctrl_c_and_resumes_exactly(tmp_path)
     # torchrun itself prints its SignalException; neither rank may print a traceback of its own
     assert split.returncode != 0 and 'vineppo.py", line' not in split_err, split_err
     assert split_err.count("continue with: torchrun --nproc-per-node 2 vineppo.py --output-dir split --resume") == 1, split_err
+    assert split_err.count("SIGINT: finishing this iteration") == 1, split_err  # both ranks got it: rank 0 says it
     checkpoint = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
     stopped_at = checkpoint["iteration"]
     assert 1 <= stopped_at < 4 and checkpoint["world_size"] == 2 and len(checkpoint["rank_rng"]) == 2
