@@ -349,3 +349,21 @@ def test_fewer_prompts_than_ranks_is_refused_with_one_line(monkeypatch):
     assert message.startswith("error: --prompts-per-iteration 1") and "2 ranks" in message and "\n" not in message
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert vineppo.parse_args(RANKS_RUN + ["--prompts-per-iteration", "1"]).prompts_per_iteration == 1
+
+
+def test_the_random_states_are_this_ranks_gpu_only(monkeypatch):
+    """A checkpoint holds the random state of this rank's GPU (torchrun set it as the current device), not of every
+    visible GPU, and a resume sets that GPU's alone; an older checkpoint's list of every GPU's states still loads.
+    (CUDA is faked: the test runs on any CPU.)"""
+    touched = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.tensor([1], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": touched.append(state.tolist()))
+    for every_gpu in ("get_rng_state_all", "set_rng_state_all"):
+        monkeypatch.setattr(torch.cuda, every_gpu, lambda *args: touched.append("every GPU"))
+    states = vineppo.rng_states()
+    vineppo.set_rng_states(states)
+    older = [torch.tensor([5], dtype=torch.uint8), torch.tensor([6], dtype=torch.uint8)]  # GPU 0's and GPU 1's
+    vineppo.set_rng_states({**states, "cuda": older})
+    assert touched == [[1], [6]]  # this GPU's state, then GPU 1's of the older list
