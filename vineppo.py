@@ -2168,10 +2168,12 @@ class StopSignals:
         return self
 
     def __exit__(self, kind, error, traceback):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        if self.run is not None:  # start_run saved a checkpoint (or resumed one) before the loop
-            exit_if_lost_contact(error, os.path.join(self.args.output_dir, "checkpoint.pt"), self.args)
+        try:  # the line first: torchrun's SIGTERM, as it ends the ranks left, must not cut it
+            if self.run is not None:  # start_run saved a checkpoint (or resumed one) before the loop
+                exit_if_lost_contact(error, os.path.join(self.args.output_dir, "checkpoint.pt"), self.args)
+        finally:
+            for sig, handler in self.previous.items():
+                signal.signal(sig, handler)
         if kind is FloatingPointError and self.run is not None:  # the NaN never reached the weights or a checkpoint
             sys.exit(f"error: {error} in iteration {len(self.run.history)}; the last good checkpoint is "
                      f"{os.path.join(self.args.output_dir, 'checkpoint.pt')} (iteration {self.run.iteration}): "
