@@ -919,6 +919,10 @@ def check_args(args: Args) -> None:
             problems.append(f"--report-to takes none or a comma-separated list of {', '.join(TRACKERS)}; got {tracker!r}")
         elif importlib.util.find_spec(tracker) is None:
             problems.append(f"--report-to {tracker} needs the {tracker} package: pip install {tracker}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun every rank samples problems of its own
+    if args.prompts_per_iteration < world:
+        problems.append(f"--prompts-per-iteration {args.prompts_per_iteration} is fewer than the {world} ranks "
+                        f"torchrun started: give at least one problem per rank, or start fewer ranks")
     if problems:
         sys.exit("error: " + "; ".join(problems))
 
@@ -1755,10 +1759,11 @@ def supervised_finetune(model, tokenizer, problems: list[dict], args: Args, devi
         if len(order) < args.sft_batch_size:
             order += random.sample(range(len(problems)), len(problems))
         rows, order = order[:args.sft_batch_size], order[args.sft_batch_size:]
-        mine = rank_share(rows)  # under torchrun each rank takes its share of the batch
-        batch = collate([prompts[i] for i in mine], [targets[i] for i in mine], tokenizer.pad_token_id)
+        mine = rank_share(rows)  # under torchrun each rank takes its share of the batch (none: it adds zeros)
+        batch = collate([prompts[i] for i in mine], [targets[i] for i in mine], tokenizer.pad_token_id) if mine else {}
         loss = 0.0
-        for micro in torch.arange(len(mine)).split(args.micro_batch_size):
+        for start in range(0, len(mine), args.micro_batch_size):
+            micro = torch.arange(start, min(start + args.micro_batch_size, len(mine)))
             mb = slice_batch(batch, micro, device)
             logp = response_logprobs(model, mb, temperature=1.0)  # [rows, T], 0 at padding
             # official: the token mean of each sequence, then the mean over the batch
@@ -1815,7 +1820,8 @@ def warm_up_critic(run: Run, args: Args) -> dict:
         for _ in range(args.epochs):
             for minibatch in shuffled_minibatches(len(episodes), args.minibatch_size):
                 n_tokens = global_sum(mask[minibatch].sum().item())
-                for rows in minibatch.split(args.micro_batch_size):
+                for start in range(0, len(minibatch), args.micro_batch_size):  # none without a row here
+                    rows = minibatch[start:start + args.micro_batch_size]
                     mb = slice_batch(batch, rows, run.device)
                     n = mb["response_mask"].shape[1]
                     (value_loss(response_values(run.value_model, mb), fixed["values_old"][rows, -n:].to(run.device),
@@ -1945,7 +1951,7 @@ def evaluate_into(record: dict, run: Run, args: Args) -> None:
     Its samples come from their own random stream, seeded by the run's seed and the iteration: runs of one
     seed that differ only in the critic evaluate the same SFT model on the same samples (pass@1 before RL is
     equal), and evaluating leaves the training's random stream untouched."""
-    with clock(record, "eval"), torch.random.fork_rng(devices=[] if run.device.type == "cpu" else None):
+    with clock(record, "eval"), torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
         torch.manual_seed(args.seed * 100_003 + record["iteration"] + 1_000_003 * rank_and_world()[0])
         record["eval/pass@1"] = evaluate(run.policy, run.tokenizer, run.test, args)
         if run.validation:
@@ -1979,7 +1985,10 @@ def end_iteration(run: Run, record: dict, episodes: list[Episode], stats: dict, 
     log_metrics(args, record)
     report(run.trackers, record)
     run.history.append(record)
-    stop_now = global_sum(float(stop.received is not None)) > 0  # every rank stops after the same iteration
+    signals = [signum for signum in every_rank([stop.received]) if signum is not None]
+    stop_now = bool(signals)  # a signal to any rank stops every rank after the same iteration
+    if stop_now and stop.received is None:  # a rank the signal missed takes it, and a later one (torchrun's, as
+        stop.received = signals[0]  # the ranks leave) for the same stop
     if stop_now or (args.save_every and iteration % args.save_every == 0) or iteration == args.iterations:
         save_checkpoint(args, run, iteration)
         run.iteration = iteration  # the last good checkpoint
@@ -1994,13 +2003,17 @@ def end_iteration(run: Run, record: dict, episodes: list[Episode], stats: dict, 
     if args.show_credit and "eval/pass@1" in record:
         print_credit(run.tokenizer, episodes, run.train, iteration, args)
     if stop_now:
-        signum = stop.received or signal.SIGTERM  # a rank that got no signal itself follows the others
-        rank, world = rank_and_world()
-        launch = "python" if world == 1 else f"torchrun --nproc-per-node {os.environ.get('LOCAL_WORLD_SIZE', world)}"
-        print(f"stopped by {signal.Signals(signum).name} after iteration {iteration}: checkpoint saved "
-              f"to {os.path.join(args.output_dir, 'checkpoint.pt')}; continue with: {launch} vineppo.py "
-              f"--output-dir {args.output_dir} --resume", file=sys.stderr if rank == 0 else sys.stdout)
-        sys.exit(128 + signum)
+        print(f"stopped by {signal.Signals(stop.received).name} after iteration {iteration}: checkpoint saved "
+              f"to {os.path.join(args.output_dir, 'checkpoint.pt')}; continue with: {continue_command(args)}",
+              file=sys.stderr if rank_and_world()[0] == 0 else sys.stdout)
+        sys.exit(128 + stop.received)
+
+
+def continue_command(args: Args) -> str:
+    """The command that continues this run from its checkpoint."""
+    world = rank_and_world()[1]
+    launch = "python" if world == 1 else f"torchrun --nproc-per-node {os.environ.get('LOCAL_WORLD_SIZE', world)}"
+    return f"{launch} vineppo.py --output-dir {args.output_dir} --resume"
 
 
 def finish_run(run: Run, args: Args) -> dict:
@@ -2044,9 +2057,10 @@ def write_atomically(path: str, write) -> None:
 
 
 def rng_states() -> dict:
+    """The random states a run draws from: python's, torch's, and this rank's GPU's (torchrun set its device)."""
     states = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+        states["cuda"] = torch.cuda.get_rng_state()
     if torch.backends.mps.is_available():
         states["mps"] = torch.mps.get_rng_state()
     return states
@@ -2056,7 +2070,11 @@ def set_rng_states(states: dict) -> None:
     random.setstate(states["python"])
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        cuda = states["cuda"]  # a list in older checkpoints: every visible GPU's state, this rank's among them
+        if isinstance(cuda, list):
+            cuda = cuda[torch.cuda.current_device()] if torch.cuda.current_device() < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
     if "mps" in states and torch.backends.mps.is_available():
         torch.mps.set_rng_state(states["mps"])
 
@@ -2076,14 +2094,14 @@ def save_checkpoint(args: Args, run: Run, iteration: int) -> str:
                                 for p in m.parameters())] if world > 1 else [])
     assert len(set(checksums)) <= 1, f"the ranks' weights differ: {checksums}"  # data parallel keeps them equal
     path = os.path.join(args.output_dir, "checkpoint.pt")
-    if rank > 0:
-        return path
-    state = {"iteration": iteration, "args": asdict(args), "world_size": world, "policy": run.policy.state_dict(),
-             "reference": run.reference.state_dict(), "value": run.value_model.state_dict() if run.value_model else None,
-             "optimizers": [o.state_dict() for o in run.optimizers], "schedulers": [s.state_dict() for s in run.schedulers],
-             "rng": rank_rng[0], "sampler": run.sampler.getstate(), "history": run.history,
-             "nonfinite_in_a_row": run.nonfinite_in_a_row, **({"rank_rng": rank_rng} if world > 1 else {})}
-    write_atomically(path, lambda temporary: torch.save(state, temporary))
+    if rank == 0:  # under torchrun rank 0 alone writes
+        state = {"iteration": iteration, "args": asdict(args), "world_size": world, "policy": run.policy.state_dict(),
+                 "reference": run.reference.state_dict(), "value": run.value_model.state_dict() if run.value_model else None,
+                 "optimizers": [o.state_dict() for o in run.optimizers], "schedulers": [s.state_dict() for s in run.schedulers],
+                 "rng": rank_rng[0], "sampler": run.sampler.getstate(), "history": run.history,
+                 "nonfinite_in_a_row": run.nonfinite_in_a_row, **({"rank_rng": rank_rng} if world > 1 else {})}
+        write_atomically(path, lambda temporary: torch.save(state, temporary))
+    global_sum(0)  # a barrier: no rank goes on, or ends the run on a stop, before the checkpoint is on disk
     return path
 
 
@@ -2245,16 +2263,21 @@ class StopSignals:
             print(f"\n{signal.Signals(signum).name} again: exiting now", file=sys.stderr, flush=True)
             os._exit(128 + signum)
         self.received = signum
-        print(f"\n{signal.Signals(signum).name}: finishing this iteration, then saving a checkpoint "
-              f"(press Ctrl-C again to quit at once)", file=sys.stderr, flush=True)
+        if rank_and_world()[0] == 0:  # under torchrun the terminal's Ctrl-C reaches every rank: one says it
+            print(f"\n{signal.Signals(signum).name}: finishing this iteration, then saving a checkpoint "
+                  f"(press Ctrl-C again to quit at once)", file=sys.stderr, flush=True)
 
     def __enter__(self):
         return self
 
     def __exit__(self, kind, error, traceback):
-        close_trackers(self.run, error)  # --report-to: the end, a stop or an error
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+        try:  # the line first: torchrun's SIGTERM, as it ends the ranks left, must not cut it
+            if self.run is not None:  # start_run saved a checkpoint (or resumed one) before the loop
+                exit_if_lost_contact(error, os.path.join(self.args.output_dir, "checkpoint.pt"), self.args)
+        finally:
+            close_trackers(self.run, error)  # --report-to: the end, a stop or an error
+            for sig, handler in self.previous.items():
+                signal.signal(sig, handler)
         if kind is FloatingPointError and self.run is not None:  # the NaN never reached the weights or a checkpoint
             sys.exit(f"error: {error} in iteration {len(self.run.history)}; the last good checkpoint is "
                      f"{os.path.join(self.args.output_dir, 'checkpoint.pt')} (iteration {self.run.iteration}): "
@@ -2542,20 +2565,60 @@ def plot_command(argv: list[str]) -> str:
     return path
 
 
+def report_failure(error: BaseException) -> None:
+    """Under torchrun, leave word in the process group's store that this rank failed, and with what: the ranks
+    that then lose contact with it say so (`exit_if_lost_contact`); its traceback follows on its stderr."""
+    if not dist.is_initialized():
+        return
+    rank = dist.get_rank()
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"vineppo/failed/{rank}", f"rank {rank} failed ({type(error).__name__}: {first_line(error)}; "
+                                            f"its traceback is above, lines marked [rank{rank}])")
+        store.get(f"vineppo/failed/{rank}")  # stored before this rank leaves
+    except Exception:  # noqa: BLE001 - the store went with rank 0: the others say they lost contact
+        pass
+
+
+def exit_if_lost_contact(error: BaseException | None, checkpoint: str | None, args: Args | None = None) -> None:
+    """Under torchrun, end with one line when a collective failed because another rank is gone (it failed, was
+    killed, or did not answer within --dist-timeout): which rank failed and why, if it left word, and the
+    checkpoint to continue from if one was saved. Returns for any other error."""
+    if not (dist.is_initialized() and isinstance(error, RuntimeError)
+            and re.search(r"gloo|nccl|NCCL|timed out|[Cc]onnection|peer", str(error))):
+        return
+    rank, world = rank_and_world()
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        failed = [store.get(f"vineppo/failed/{r}").decode() for r in range(world) if store.check([f"vineppo/failed/{r}"])]
+    except Exception:  # noqa: BLE001 - the store went with rank 0
+        failed = []
+    what = (f"{failed[0]}, so rank {rank} stopped too" if failed else
+            f"rank {rank} lost contact with the other ranks ({first_line(error)}): one ended without a word (killed, "
+            f"out of memory?) or did not answer within --dist-timeout; torchrun's report below names it")
+    saved = (f"the last checkpoint, {checkpoint}, is intact: continue with: {continue_command(args)} once every rank "
+             f"can run" if checkpoint else "no checkpoint was saved yet: start the run again once every rank can run")
+    print(f"error: {what}; {saved}", file=sys.stderr, flush=True)  # each rank left says it: rank 0 may be the one gone
+    sys.exit(1)
+
+
+def first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:160]
+
+
 def run_script() -> None:
     """`python vineppo.py` or `torchrun ... vineppo.py`: main(), and under torchrun one line when this rank lost
-    the others (one died, or did not answer within --dist-timeout) instead of a traceback per rank."""
+    the others (see `exit_if_lost_contact`) instead of a traceback per rank."""
     try:
         main()
     except SystemExit as stop:
         if int(os.environ.get("RANK", "0")) > 0 and isinstance(stop.code, str):
             sys.exit(1)  # under torchrun every rank meets the same bad input: rank 0 alone says it
         raise
-    except (RuntimeError, dist.DistError) as error:
-        if not dist.is_initialized() or not re.search(r"gloo|nccl|NCCL|timed out|[Cc]onnection|peer", str(error)):
-            raise
-        sys.exit(f"error: rank {dist.get_rank()} lost contact with the other ranks ({str(error).strip().splitlines()[0][:160]}); "
-                 f"the last checkpoint is intact: resume with --resume once every rank can run")
+    except Exception as error:
+        exit_if_lost_contact(error, None)  # before the loop: no checkpoint yet
+        report_failure(error)
+        raise
 
 
 if __name__ == "__main__":

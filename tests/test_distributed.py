@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -77,18 +78,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_worker(tmp_path: Path, world: int, vineppo_dir: Path = ROOT, split: str = "halves") -> dict:
+def launch(source: str, tmp_path: Path, world: int, *argv, split: str = "halves") -> list[tuple[int, str]]:
+    """Run the worker `source` as `world` gloo ranks (as torchrun would start them); (exit code, stderr) per rank."""
     script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    out = tmp_path / f"grads_{world}.pt"
+    script.write_text(source)
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world),
-           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "SPLIT": split}
-    procs = [subprocess.Popen([sys.executable, str(script), str(vineppo_dir), str(out)],
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "SPLIT": split}
+    procs = [subprocess.Popen([sys.executable, str(script), *map(str, argv)],
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stderr=subprocess.PIPE, text=True)
              for r in range(world)]
-    for proc in procs:
-        _, err = proc.communicate(timeout=240)
-        assert proc.returncode == 0, err
+    errors = [proc.communicate(timeout=240)[1] for proc in procs]
+    return [(proc.returncode, err) for proc, err in zip(procs, errors)]
+
+
+def run_worker(tmp_path: Path, world: int, vineppo_dir: Path = ROOT, split: str = "halves") -> dict:
+    out = tmp_path / f"grads_{world}.pt"
+    for code, err in launch(WORKER, tmp_path, world, vineppo_dir, out, split=split):
+        assert code == 0, err
     return torch.load(out, weights_only=True)
 
 
@@ -169,6 +175,7 @@ def test_torchrun_logs_checkpoints_stops_on_ctrl_c_and_resumes_exactly(tmp_path)
     # torchrun itself prints its SignalException; neither rank may print a traceback of its own
     assert split.returncode != 0 and 'vineppo.py", line' not in split_err, split_err
     assert split_err.count("continue with: torchrun --nproc-per-node 2 vineppo.py --output-dir split --resume") == 1, split_err
+    assert split_err.count("SIGINT: finishing this iteration") == 1, split_err  # both ranks got it: rank 0 says it
     checkpoint = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
     stopped_at = checkpoint["iteration"]
     assert 1 <= stopped_at < 4 and checkpoint["world_size"] == 2 and len(checkpoint["rank_rng"]) == 2
@@ -181,3 +188,182 @@ def test_torchrun_logs_checkpoints_stops_on_ctrl_c_and_resumes_exactly(tmp_path)
     _, err = again.communicate(timeout=300)
     assert again.returncode == 0, err
     assert records(tmp_path / "split" / "metrics.jsonl") == logged  # as if it had never stopped
+
+
+# Each rank's part of a run under torchrun, on 2 gloo ranks: the random streams, the shuffled minibatches,
+# the re-shard of the Monte Carlo rollouts and the MC credit, and the phases where a rank can have nothing to
+# do (a minibatch, an SFT batch or an evaluation shard without a row of its own). Rank 0 writes what every rank
+# found after each part, so a part that fails leaves the earlier ones readable.
+RANKS_RUN = ["--critic", "grpo", "--sft-epochs", "0", "--prompts-per-iteration", "3", "--samples-per-prompt", "1",
+             "--minibatch-size", "1", "--micro-batch-size", "1", "--epochs", "1", "--train-problems", "12",
+             "--test-problems", "1", "--eval-samples", "1", "--max-new-tokens", "16", "--iterations", "1",
+             "--critic-warmup", "1", "--dist-timeout", "60"]
+RANKS_WORKER = textwrap.dedent('''
+    import dataclasses, json, os, sys, torch
+    sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], "tests")]
+    import vineppo
+    import torch.distributed as dist
+    from test_distributed import RANKS_RUN, hand_made_episodes, stand_in_mc_rollout
+
+    out, rank = sys.argv[2], int(os.environ["RANK"])
+    found = {}
+    def save():
+        gathered = vineppo.every_rank([found])
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump(gathered, f)
+    checksum = lambda model: sum(p.double().sum().item() for p in model.parameters())
+
+    args = vineppo.parse_args(RANKS_RUN + ["--output-dir", os.path.join(os.path.dirname(out), "run")])
+    run = vineppo.start_run(args)  # its evaluation: 1 test problem for 2 ranks
+    found["pass@1"] = run.history[0]["eval/pass@1"]
+    found["stream"] = torch.rand(4).tolist()  # this rank's random stream as RL starts
+    save()
+
+    torch.manual_seed(7 + 100 * rank)  # a generator of its own on each rank; 3 rows on rank 0, 4 on rank 1
+    offset, n_rows = [(0, 3), (3, 4)][rank]
+    found["minibatches"] = [(rows + offset).tolist() for rows in vineppo.shuffled_minibatches(n_rows, 3)]
+    found["rollouts"] = vineppo.rank_shard_rollouts(lambda prefixes: [[p, rank] for p in prefixes])(list(range(7)))
+    vineppo.mc_rollout = stand_in_mc_rollout
+    episodes = vineppo.rank_share(hand_made_episodes(run.tokenizer, run.train))
+    batch = vineppo.collate([e.prompt_ids for e in episodes], [e.response_ids for e in episodes],
+                            run.tokenizer.pad_token_id)
+    advantages, _, _ = vineppo.assign_credit(episodes, batch, {}, None, run.tokenizer, run.train,
+                                             dataclasses.replace(args, critic="mc", mc_rollouts=3))
+    found["credit"] = [[e.step_values, e.token_advantages, advantages[i][batch["response_mask"][i] > 0].tolist()]
+                       for i, e in enumerate(episodes)]
+    save()
+
+    torch.manual_seed(0)  # the same critic on both ranks, as start_run builds it
+    run.value_model = vineppo.ValueNetwork.from_policy(run.policy).eval()
+    start = checksum(run.value_model)
+    vineppo.warm_up_critic(run, dataclasses.replace(args, critic="value"))  # 3 minibatches of 1 response
+    found["critic"] = [start, checksum(run.value_model)]
+    save()
+
+    start = checksum(run.policy)  # SFT batches of 1 sequence for 2 ranks
+    vineppo.supervised_finetune(run.policy, run.tokenizer, run.train[:3],
+                                dataclasses.replace(args, sft_epochs=1, sft_batch_size=1), run.device)
+    found["policy"] = [start, checksum(run.policy)]
+    save()
+    dist.barrier()  # leave together (see WORKER)
+    dist.destroy_process_group()
+''')
+
+
+def state_reward(state: tuple) -> float:
+    """A stand-in for a rollout's reward that depends on the state alone: the MC values then do not depend on
+    which rank rolls out what, only on every state getting its own rewards back."""
+    return (7 * sum(state) + len(state)) % 5 / 4
+
+
+def stand_in_mc_rollout(model, tokenizer, origin, args, counts=None, desc=""):
+    return lambda states: [state_reward(state) for state in states]
+
+
+def hand_made_episodes(tokenizer, problems: list[dict]) -> list:
+    """Two responses to each of 3 problems: the tutor's solution, and the same without its last two lines."""
+    texts = [(i, text) for i in range(3) for text in (problems[i]["solution"],
+                                                       "\n".join(problems[i]["solution"].split("\n")[:-2]))]
+    return [vineppo.episode_from_text(tokenizer, problems[i], text, task="arith", index=i) for i, text in texts]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """What each of 2 ranks found (a list: rank 0, rank 1), and the ranks' exit codes and stderr."""
+    tmp_path = tmp_path_factory.mktemp("ranks")
+    ends = launch(RANKS_WORKER, tmp_path, 2, ROOT, tmp_path / "found.json")
+    found = json.loads((tmp_path / "found.json").read_text()) if (tmp_path / "found.json").exists() else [{}, {}]
+    return found, ends
+
+
+def test_every_rank_draws_its_own_random_stream(ranks):
+    """Each rank samples its own responses: the ranks' streams differ as RL starts (the models are the same)."""
+    (rank0, rank1), _ = ranks
+    assert len(rank0["stream"]) == len(rank1["stream"]) == 4
+    assert rank0["stream"] != rank1["stream"]
+
+
+def test_every_rank_takes_its_rows_of_rank_0s_permutation(ranks):
+    """shuffled_minibatches: the minibatches of 2 ranks are those of rank 0's permutation of the global batch,
+    whatever each rank's own generator would draw."""
+    (rank0, rank1), _ = ranks
+    torch.manual_seed(7)  # rank 0's generator in the worker
+    expected = torch.randperm(7).split(3)
+    assert len(rank0["minibatches"]) == len(rank1["minibatches"]) == len(expected)
+    for mine, theirs, rows in zip(rank0["minibatches"], rank1["minibatches"], expected):
+        assert all(r < 3 for r in mine) and all(r >= 3 for r in theirs)  # each rank keeps its own rows
+        assert sorted(mine + theirs) == sorted(rows.tolist())
+
+
+def test_the_monte_carlo_rollouts_come_back_to_their_own_states(ranks):
+    """rank_shard_rollouts: every prefix gets its own rollout's result back, in order, and both ranks roll out."""
+    (rank0, rank1), _ = ranks
+    assert rank0["rollouts"] == rank1["rollouts"]
+    assert [p for p, _ in rank0["rollouts"]] == list(range(7))
+    assert sorted(Counter(r for _, r in rank0["rollouts"]).values()) == [3, 4]  # even shares
+
+
+def test_two_ranks_give_one_process_mc_values_and_advantages(ranks, monkeypatch):
+    """VinePPO's credit under torchrun: the same responses, 3 on each of 2 ranks, get the step values and the
+    advantages that one process gives them all (the rollouts are a stand-in that depends on the state only)."""
+    (rank0, rank1), _ = ranks
+    monkeypatch.setattr(vineppo, "mc_rollout", stand_in_mc_rollout)
+    args = vineppo.parse_args(RANKS_RUN + ["--critic", "mc", "--mc-rollouts", "3"])
+    tokenizer, (train, _, _) = vineppo.build_tiny_tokenizer(), vineppo.load_task(args)
+    episodes = hand_made_episodes(tokenizer, train)
+    batch = vineppo.collate([e.prompt_ids for e in episodes], [e.response_ids for e in episodes],
+                            tokenizer.pad_token_id)
+    advantages, _, _ = vineppo.assign_credit(episodes, batch, {}, None, tokenizer, train, args)
+    whole = [[e.step_values, e.token_advantages, advantages[i][batch["response_mask"][i] > 0].tolist()]
+             for i, e in enumerate(episodes)]
+    assert len({v for e in episodes for v in e.step_values}) > 2  # the states' values differ
+    split = [None] * len(whole)
+    split[0::2], split[1::2] = rank0["credit"], rank1["credit"]  # rank_share: rank 0 holds 0, 2, 4
+    assert split == whole
+
+
+def test_a_rank_without_rows_in_a_warm_up_minibatch_adds_zeros(ranks):
+    """The critic warm-up on 3 responses in minibatches of 1: each rank meets minibatches without a row of its
+    own; it adds zeros, and both ranks end with the same trained critic."""
+    (rank0, rank1), ends = ranks
+    assert "critic" in rank0, ends
+    assert rank0["critic"] == rank1["critic"] and rank0["critic"][0] != rank0["critic"][1]
+
+
+def test_a_rank_without_rows_in_an_sft_batch_or_an_evaluation_shard_adds_zeros(ranks):
+    """SFT batches of 1 sequence and 1 test problem for 2 ranks: the rank without one takes part with zeros."""
+    (rank0, rank1), ends = ranks
+    assert "policy" in rank0, ends
+    assert rank0["policy"] == rank1["policy"] and rank0["policy"][0] != rank0["policy"][1]
+    assert rank0["pass@1"] == rank1["pass@1"]
+    assert all(code == 0 for code, _ in ends), ends
+
+
+def test_fewer_prompts_than_ranks_is_refused_with_one_line(monkeypatch):
+    """A rank without a problem of its own has no responses to train on: refused before anything starts."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as refused:
+        vineppo.parse_args(RANKS_RUN + ["--prompts-per-iteration", "1"])
+    message = str(refused.value.code)
+    assert message.startswith("error: --prompts-per-iteration 1") and "2 ranks" in message and "\n" not in message
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert vineppo.parse_args(RANKS_RUN + ["--prompts-per-iteration", "1"]).prompts_per_iteration == 1
+
+
+def test_the_random_states_are_this_ranks_gpu_only(monkeypatch):
+    """A checkpoint holds the random state of this rank's GPU (torchrun set it as the current device), not of every
+    visible GPU, and a resume sets that GPU's alone; an older checkpoint's list of every GPU's states still loads.
+    (CUDA is faked: the test runs on any CPU.)"""
+    touched = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.tensor([1], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": touched.append(state.tolist()))
+    for every_gpu in ("get_rng_state_all", "set_rng_state_all"):
+        monkeypatch.setattr(torch.cuda, every_gpu, lambda *args: touched.append("every GPU"))
+    states = vineppo.rng_states()
+    vineppo.set_rng_states(states)
+    older = [torch.tensor([5], dtype=torch.uint8), torch.tensor([6], dtype=torch.uint8)]  # GPU 0's and GPU 1's
+    vineppo.set_rng_states({**states, "cuda": older})
+    assert touched == [[1], [6]]  # this GPU's state, then GPU 1's of the older list
