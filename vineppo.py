@@ -1546,7 +1546,7 @@ def load_model_and_tokenizer(args: Args, device):
             fp32 = {FROM_PRETRAINED_DTYPE_KWARG: torch.float32}  # fp32 master weights
             model = AutoModelForCausalLM.from_pretrained(args.model, **fp32)
         except (OSError, ValueError) as error:
-            sys.exit(f"error: could not load --model {args.model!r} ({str(error).splitlines()[0]}). Give a hub id "
+            sys.exit(f"error: could not load --model {args.model!r} ({first_line(error)}). Give a hub id "
                      f"you can reach, a local directory, or set HF_HUB_OFFLINE=1 to use the local cache.")
         if tokenizer.eos_token_id is None:
             tokenizer.add_special_tokens({"eos_token": "<|endoftext|>"})
@@ -2237,8 +2237,7 @@ def restore_checkpoint(checkpoint: dict, run: Run, path: str) -> None:
         set_rng_states(checkpoint["rank_rng"][rank] if world > 1 else checkpoint["rng"])  # last: building the
         # models above drew random numbers
     except (RuntimeError, ValueError, TypeError, KeyError, AttributeError) as error:
-        first_line = str(error).strip().split("\n")[0][:200]
-        sys.exit(f"error: {path} does not fit this run ({type(error).__name__}: {first_line}); resume it with the "
+        sys.exit(f"error: {path} does not fit this run ({type(error).__name__}: {first_line(error)}); resume it with the "
                  f"model and settings it was saved with, or start a new run")
     if not all_finite(run.policy, run.reference, run.value_model):
         sys.exit(f"error: {path} holds non-finite weights; resume from another checkpoint or start a new run")
@@ -2560,7 +2559,7 @@ def plot_command(argv: list[str]) -> str:
     except ImportError:
         sys.exit("error: --plot needs matplotlib; pip install matplotlib")
     except (OSError, ValueError) as error:  # ValueError: a file type matplotlib cannot write
-        sys.exit(f"error: cannot write --output {options.output!r} ({str(error).splitlines()[0]}); choose a writable .png path")
+        sys.exit(f"error: cannot write --output {options.output!r} ({first_line(error)}); choose a writable .png path")
     print(f"wrote {path}")
     return path
 
@@ -2603,6 +2602,7 @@ def exit_if_lost_contact(error: BaseException | None, checkpoint: str | None, ar
 
 
 def first_line(error: BaseException) -> str:
+    """An error's first line, for one-line messages (an empty message gives '')."""
     return (str(error).strip().splitlines() or [""])[0][:160]
 
 
