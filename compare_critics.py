@@ -8,7 +8,8 @@ K_gt = 256 fresh rollouts from s, and test how well each one ranks alternative n
     python compare_critics.py                                # trains the demo's `--critic value` run, then compares
     python compare_critics.py --run runs/arith-value-seed0   # a finished `vineppo.py --critic value` run
     python compare_critics.py --gradients                    # the gradient-variance analysis (below)
-    python compare_critics.py --lengths                      # VinePPO vs PPO vs GRPO by chain length (below)
+    python compare_critics.py --sweep temperature=0.6,1.0    # VinePPO vs PPO vs GRPO over a flag's values (below)
+    python compare_critics.py --lengths                      # ... over chain lengths (below)
     python compare_critics.py --help                         # every flag (--gradients --help: that mode's)
 
 States: the prompt state s_0 and every step boundary of responses sampled on held-out problems, built as
@@ -66,25 +67,34 @@ Writes <output-dir>/results.json (every batch's cosine) and gradients.png. The d
 a 2-core AMD EPYC CPU, OMP_NUM_THREADS=2, no other job running (training 211 + 162 s, analysis 158 + 311 s;
 of the analysis, the long chain's MC rollouts are the largest part); seconds depend on the CPU and threads.
 
-Chain length (`--lengths`). The paper's lead over PPO is larger on MATH (longer solutions) than on GSM8K:
-with more decisions per response, one response-level advantage blames more right steps. The experiment
-trains, per chain length of the built-in task (4-6, 8-10, 12-16 operations), an SFT model (the demo's for
-4-6; each longer one continues the previous one's), then per seed one RL run per method from it, with the
-demo's settings and the same iterations and evaluation for every method. The tutor's slip rate per step
-falls with the length so that the same share of its solutions ends wrong (`matched_slip_rate`): only the
-number of decisions changes. Runs go to <output-dir>/<length>/<critic>-seed<seed>/; a finished run is
-skipped, a stopped one resumes from its checkpoint, one made with other settings is refused (`--report`
-leaves it out and names it with the settings that differ). Prints and writes (results.json, lengths.png)
-pass@1 before -> after, the gain, the first method's gain minus each other's (paired by seed), the credit's
-explained variance, the halfway point (iteration and seconds to half the way from the start to the seed's best
-final pass@1, the paper's "time to PPO's peak" in small) and tokens.
-The default command took 1.6 hours on a 2-core CPU, OMP_NUM_THREADS=2 (3 SFTs 14 min, 27 RL runs 84 min, part of
-it beside another job); the 12-16 runs are the longest (VinePPO's about 5 min each).
+Experiments over settings (`--sweep FLAG=V1,V2,...`, `--lengths`). Per seed an SFT model (the demo's:
+`vineppo.py --seed S --iterations 0`), then per value of one vineppo.py flag and per method one RL run from it,
+with the demo's settings but the same iterations and evaluation for every method (pass@1 on 256 held-out
+problems x 4 and on 256 training problems every 2 iterations). A value equal to the demo's is the demo's
+setting (<output-dir>/demo/), so sweeps share those runs. Runs go to <output-dir>/<setting>/<critic>-seed<seed>/;
+a finished run is skipped, a stopped one resumes from its checkpoint, one made with other settings is refused
+(`--report` leaves it out and names it with the settings that differ). Prints and writes (results-<flag>.json,
+gains-<flag>.png, curves-<flag>.png), mean ± std over seeds and the first method minus each other paired by seed:
+pass@1 before -> after and the gain, the credit's explained variance, the halfway point (iteration and seconds to
+half the way from the start to the seed's best final pass@1), tokens; and the paper's claims: the time to PPO's
+peak (the first evaluation reaching the best pass@1 of the seed's `value` run: iterations, seconds, tokens),
+pass@1 at a KL to the reference every method reached, and the slope of test against train pass@1. The claims
+of the README, each one command (settings fixed before their first run):
+    python compare_critics.py --sweep temperature=0.6,1.0                  # mc, value, grpo; 3 seeds
+    python compare_critics.py --sweep mc-rollouts=1,3,4,9 --critics mc     # the K ablation
+`--lengths` is the sweep over the built-in task's chain length (4-6, 8-10, 12-16 operations) with an SFT model
+per length (the demo's for 4-6; each longer one continues the previous one's) and 10 iterations, 128 problems:
+the paper's lead over PPO is larger on MATH (longer solutions) than on GSM8K, since with more decisions per
+response one response-level advantage blames more right steps. The tutor's slip rate per step falls with the
+length so that the same share of its solutions ends wrong (`matched_slip_rate`): only the number of decisions
+changes. Its default command took 1.6 hours on a 2-core CPU, OMP_NUM_THREADS=2 (3 SFTs 14 min, 27 RL runs 84
+min, part of it beside another job); the 12-16 runs are the longest (VinePPO's about 5 min each).
 
 The file reads top to bottom in the order the analyses run:
     Args -> metrics (pure functions) -> states and rollouts -> estimators -> ranking -> report -> main;
     GradientArgs -> cosine, batches (pure functions) -> credit and gradients -> report -> gradients_main;
-    LengthArgs -> task settings per length -> runs (skip, resume) -> aggregation -> report -> lengths_main.
+    ExperimentArgs -> the run plan (a sweep; --lengths) -> runs (skip, resume) -> aggregation -> report ->
+    experiment_main.
 """
 
 from __future__ import annotations
@@ -581,8 +591,8 @@ def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--gradients" in argv:  # the other analysis: how well each method's minibatch gradient points
         return gradients_main([a for a in argv if a != "--gradients"])
-    if "--lengths" in argv:  # the experiment: does VinePPO's lead grow with chain length?
-        return lengths_main([a for a in argv if a != "--lengths"])
+    if "--lengths" in argv or any(a.startswith("--sweep") for a in argv):  # experiments over settings
+        return experiment_main([a for a in argv if a != "--lengths"], lengths="--lengths" in argv)
     args = parse_args(argv)
     results_path = os.path.join(args.output_dir, "results.json")
     if os.path.exists(results_path) and not args.overwrite:
@@ -1059,46 +1069,67 @@ def gradients_main(argv: list[str]) -> dict:
 
 
 # ############################################################################################
-# Does VinePPO's lead grow with the length of the reasoning? `python compare_critics.py --lengths`
+# Experiments over settings: `python compare_critics.py --sweep FLAG=V1,V2` and `--lengths`
 # ############################################################################################
 @dataclass
-class LengthArgs:
-    chain_lengths: str = "4-6,8-10,12-16"
-    """the built-in task's chain lengths ('MIN-MAX'), shortest first"""
-    sft_epochs: str = "-1,4,4"
-    """SFT epochs per chain length (-1: the demo's, from scratch; type --sft-epochs=-1,...); each later one
-    continues the previous length's SFT model"""
+class ExperimentArgs:
+    """An experiment over settings of vineppo.py: one RL run per setting, seed and method"""
+    sweep: str = ""
+    """a vineppo.py flag and its values, FLAG=V1,V2,..., like temperature=0.6,1.0 or mc-rollouts=1,3,9: one
+    setting per value; a value equal to the demo's is the demo's setting (<output-dir>/demo/, shared by sweeps)"""
     seeds: str = "0,1,2"
-    """RL seeds: every (chain length, seed, critic) is one run from that chain length's SFT model"""
+    """seeds: each seed's SFT model is the demo's (`vineppo.py --seed S --iterations 0`; with --lengths, seed
+    0's only), and every (setting, seed, method) is one run from it"""
     critics: str = "mc,value,grpo"
     """the methods compared (`vineppo.py --critic`); the first is the one the others are subtracted from"""
-    iterations: int = 10
-    """RL iterations of every run"""
+    iterations: int = 14
+    """RL iterations of every run (the demo's 14; --lengths: 10)"""
     eval_every: int = 2
-    """evaluate (and checkpoint) every this many iterations: the curve that the halfway point is read from"""
-    eval_problems: int = 128
-    """held-out problems per evaluation of the RL runs (x --eval-samples 4, the demo's)"""
-    output_dir: str = "runs/chain-lengths"
-    """where the SFT runs sft-<length>/, the RL runs <length>/<critic>-seed<seed>/, results.json and lengths.png go"""
+    """evaluate (and checkpoint) every this many iterations: the curves that the tables are read from"""
+    eval_problems: int = 256
+    """held-out problems per evaluation of the RL runs, x --eval-samples 4, the demo's (--lengths: 128)"""
+    eval_train_problems: int = 256
+    """training problems evaluated beside them (vineppo.py's flag): test against train pass@1 (--lengths: 0)"""
+    output_dir: str = "runs/claims"
+    """where the SFT runs sft-seed<seed>/, the RL runs <setting>/<critic>-seed<seed>/, results-<flag>.json and
+    the figures go (--lengths: runs/chain-lengths: sft-<length>/, <length>/<critic>-seed<seed>/, results.json)"""
     report: bool = False
-    """train nothing: print the table and draw the figure from the runs finished so far with these settings"""
+    """train nothing: print the tables and draw the figures from the runs finished so far with these settings"""
+    chain_lengths: str = "4-6,8-10,12-16"
+    """--lengths only: the built-in task's chain lengths ('MIN-MAX'), shortest first"""
+    sft_epochs: str = "-1,4,4"
+    """--lengths only: SFT epochs per chain length (-1: the demo's, from scratch; type --sft-epochs=-1,...);
+    each later one continues the previous length's SFT model"""
 
 
-# Held fixed across chain lengths: the share of the tutor's training solutions that end wrong, the demo's
-# (slip rate 0.3 per slip-prone step on 4-6 operations). A longer chain has more slip-prone steps, so its
-# tutor slips less often per step (`matched_slip_rate`): only the number of decisions changes.
-MATCHED_SHARE_OF = ("4-6", vineppo.Args.slip_rate)
+# `--lengths` is the sweep over chain lengths with an SFT model per length (`length_plan`) and these defaults.
+LENGTHS = dict(iterations=10, eval_problems=128, eval_train_problems=0, output_dir="runs/chain-lengths")
+NOT_SWEPT = ("critic", "seed", "output_dir", "model", "task", "resume", "overwrite", "device", "dataset_path")
+TASK_FLAGS = ("chain_length", "slip_kinds", "slip_rate", "train_problems", "test_problems")  # SFT and RL see them
+SFT_FLAGS = ("sft_epochs", "sft_lr", "sft_batch_size")  # the SFT model's alone
 
 
-def parse_length_args(argv: list[str]) -> LengthArgs:
-    parser = vineppo.dataclass_parser(LengthArgs, "Does VinePPO's lead over PPO and GRPO grow with chain length?")
-    parser.prog = "compare_critics.py --lengths"
-    args = LengthArgs(**vars(parser.parse_args(argv)))
+def parse_experiment_args(argv: list[str], lengths: bool) -> ExperimentArgs:
+    mode = "--lengths" if lengths else "--sweep"
+    parser = vineppo.dataclass_parser(ExperimentArgs, "Does VinePPO's lead over PPO and GRPO grow with chain length?"
+                                      if lengths else "VinePPO, PPO and GRPO over the values of one vineppo.py flag")
+    parser.prog = f"compare_critics.py {mode}"
+    given = vars(parser.parse_args(argv))
+    args = ExperimentArgs(**{**(LENGTHS if lengths else {}), **given})
     problems = [f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
                 for name in ("iterations", "eval_every", "eval_problems") if getattr(args, name) < 1]
-    problems += chain_length_problems(args.chain_lengths, args.sft_epochs)
-    if any(e.strip().startswith("-") for e in args.sft_epochs.split(",")[1:]):
-        problems.append(f"--sft-epochs: only the first chain length may take -1 (the demo's); got {args.sft_epochs!r}")
+    if args.eval_train_problems < 0:
+        problems.append(f"--eval-train-problems cannot be negative, got {args.eval_train_problems}")
+    if lengths:
+        problems += chain_length_problems(args.chain_lengths, args.sft_epochs)
+        if any(e.strip().startswith("-") for e in args.sft_epochs.split(",")[1:]):
+            problems.append(f"--sft-epochs: only the first chain length may take -1 (the demo's); got {args.sft_epochs!r}")
+        if args.sweep:
+            problems.append("--lengths sweeps the chain length: give --chain-lengths, not --sweep")
+    else:
+        problems += [f"--{name.replace('_', '-')} belongs to --lengths" for name in ("chain_lengths", "sft_epochs")
+                     if name in given]
+        problems += sweep_problems(args.sweep)
     if not all(s.strip().isdigit() for s in args.seeds.split(",")):
         problems.append(f"--seeds must be integers separated by commas, like 0,1,2; got {args.seeds!r}")
     if not set(args.critics.split(",")) <= {"mc", "value", "grpo", "rloo"}:
@@ -1108,7 +1139,89 @@ def parse_length_args(argv: list[str]) -> LengthArgs:
     return args
 
 
-# --- task settings per chain length (pure functions) --------------------------------------------
+def sweep_problems(sweep: str) -> list[str]:
+    """The checks of --sweep FLAG=V1,V2: a vineppo.py flag with a value, not one the experiment sets, values of
+    its type, each once."""
+    name, _, values = sweep.partition("=")
+    name = name.strip().removeprefix("--").replace("-", "_")
+    kinds = {f.name: f.type for f in fields(vineppo.Args)}
+    if not sweep:
+        return ["--sweep is required: a vineppo.py flag and its values, like --sweep temperature=0.6,1.0"]
+    if not values or kinds.get(name) not in ("int", "float", "str"):
+        return [f"--sweep takes FLAG=V1,V2,... with a vineppo.py flag that takes a value, like temperature=0.6,1.0; "
+                f"got {sweep!r}"]
+    if name in NOT_SWEPT:
+        return [f"--sweep cannot vary --{name.replace('_', '-')}: the experiment sets it ({', '.join(NOT_SWEPT)})"]
+    try:
+        parsed = [{"int": int, "float": float, "str": str}[kinds[name]](v) for v in values.split(",")]
+    except ValueError:
+        return [f"--sweep {name.replace('_', '-')} takes {kinds[name]} values; got {values!r}"]
+    return [] if len(set(parsed)) == len(parsed) else [f"--sweep: a value is repeated in {values!r}"]
+
+
+def sweep_settings(args: ExperimentArgs) -> list[dict]:
+    """Per value of the swept flag: its label (and directory), `demo` where the value is the demo's (so sweeps
+    share those runs), and the vineppo.py flags that set it."""
+    name, _, values = args.sweep.partition("=")
+    name = name.strip().removeprefix("--").replace("-", "_")
+    demo = vineppo.parse_args(["--iterations", "0"])
+    settings = []
+    for value in values.split(","):
+        typed = type(getattr(demo, name))(value)
+        label = "demo" if typed == getattr(demo, name) else f"{name.replace('_', '-')}={typed}"
+        settings.append({"label": label, "flag": name, "value": typed,
+                         "flags": [] if label == "demo" else [f"--{name.replace('_', '-')}", str(typed)]})
+    return settings
+
+
+def demo_flags(**changes) -> list[str]:
+    """TINY_DEMO_OVERRIDES as flags (a model directory is not `tiny`, so they must be typed), with changes."""
+    return [flag for name, value in {**vineppo.TINY_DEMO_OVERRIDES, **changes}.items()
+            for flag in (f"--{name.replace('_', '-')}", f"{value:g}" if isinstance(value, float) else str(value))]
+
+
+def rl_argv(sft_run: str, critic: str, seed: str, setting_flags: list[str], run_dir: str, args: ExperimentArgs) -> list[str]:
+    """One RL run from an SFT model: the demo's settings but for the iterations and the evaluation, which are the
+    same for every method, and the setting's flags."""
+    evaluation = dict(eval_every=args.eval_every, eval_problems=args.eval_problems, save_every=args.eval_every)
+    if args.eval_train_problems:
+        evaluation["eval_train_problems"] = args.eval_train_problems
+    return (["--model", os.path.join(sft_run, "final"), "--task", "arith", "--critic", critic]
+            + demo_flags(sft_epochs=0, iterations=args.iterations, **evaluation)
+            + setting_flags + ["--seed", seed, "--output-dir", run_dir])
+
+
+def sweep_plan(args: ExperimentArgs) -> tuple[list[dict], list[dict]]:
+    """The SFT runs, then the RL runs, in the order they train: {label, argv, dir} and {setting, critic, seed,
+    argv, dir}. Each seed's SFT model is the demo's (`vineppo.py --seed S --iterations 0`), or, where the swept
+    flag is the task's or SFT's, the demo's with the setting's value (its own directory)."""
+    sfts, runs, sft_of = [], [], {}
+    for seed in args.seeds.split(","):
+        for setting in sweep_settings(args):
+            shared = setting["label"] == "demo" or setting["flag"] not in TASK_FLAGS + SFT_FLAGS
+            sft = os.path.join(args.output_dir, f"sft-seed{seed}" if shared else f"{setting['label']}/sft-seed{seed}")
+            if sft not in [s["dir"] for s in sfts]:
+                sfts.append({"label": f"seed{seed}" if shared else f"{setting['label']} seed{seed}", "dir": sft,
+                             "argv": ["--seed", seed, "--iterations", "0", "--output-dir", sft]
+                             + ([] if shared else setting["flags"])})
+            sft_of[setting["label"], seed] = sft
+    for seed in args.seeds.split(","):  # seed by seed: a stop leaves every setting with results
+        for setting in sweep_settings(args):
+            task = setting["flags"] if setting["flag"] not in SFT_FLAGS else []
+            for critic in args.critics.split(","):
+                run_dir = os.path.join(args.output_dir, setting["label"], f"{critic}-seed{seed}")
+                runs.append({"setting": setting["label"], "critic": critic, "seed": seed, "dir": run_dir,
+                             "argv": rl_argv(sft_of[setting["label"], seed], critic, seed, task, run_dir, args)})
+    return sfts, runs
+
+
+# --- --lengths: an SFT model per chain length, its tutor's slip rate matched -------------------
+# Held fixed across chain lengths: the share of the tutor's training solutions that end wrong, the demo's
+# (slip rate 0.3 per slip-prone step on 4-6 operations). A longer chain has more slip-prone steps, so its
+# tutor slips less often per step (`matched_slip_rate`): only the number of decisions changes.
+MATCHED_SHARE_OF = ("4-6", vineppo.Args.slip_rate)
+
+
 def wrong_share(problems: list[dict]) -> float:
     """The share of training solutions whose final answer, read as the grader reads it, is not the true one."""
     return sum(vineppo.extract_gsm8k_answer(p["solution"]) != p["answer"] for p in problems) / len(problems)
@@ -1127,7 +1240,7 @@ def matched_slip_rate(chain_length: str, share: float, *, seed: int = 0, n: int 
     return round((low + high) / 2, 3)
 
 
-def length_settings(args: LengthArgs) -> list[dict]:
+def length_settings(args: ExperimentArgs) -> list[dict]:
     """Per chain length: the tutor's slip rate (`matched_slip_rate`), the response budget (12 tokens an
     operation, at least the demo's 80) and the SFT epochs."""
     target = wrong_share(vineppo.make_arith_task(0, 4000, 0, MATCHED_SHARE_OF[1], MATCHED_SHARE_OF[0])[0])
@@ -1139,45 +1252,34 @@ def length_settings(args: LengthArgs) -> list[dict]:
             for length, epochs in zip(args.chain_lengths.split(","), args.sft_epochs.split(","))]
 
 
-def demo_flags(**changes) -> list[str]:
-    """TINY_DEMO_OVERRIDES as flags (a model directory is not `tiny`, so they must be typed), with changes."""
-    return [flag for name, value in {**vineppo.TINY_DEMO_OVERRIDES, **changes}.items()
-            for flag in (f"--{name.replace('_', '-')}", f"{value:g}" if isinstance(value, float) else str(value))]
+def length_plan(args: ExperimentArgs) -> tuple[list[dict], list[dict]]:
+    """As `sweep_plan`, over chain lengths: one SFT model per length (the first seed's), from scratch on the
+    first (-1: the demo's epochs), each later one continuing the previous length's for its epochs; evaluated
+    as the demo (256 problems x 4). Every RL run of a length starts from its SFT model."""
+    sfts, runs = [], []
+    for i, task in enumerate(length_settings(args)):
+        flags = ["--chain-length", task["chain_length"], "--slip-rate", f"{task['slip_rate']:g}"]
+        sft = os.path.join(args.output_dir, f"sft-{task['chain_length']}")
+        if i == 0:  # `tiny`: the demo's settings apply by themselves
+            epochs = ["--sft-epochs", f"{task['sft_epochs']:g}"] if task["sft_epochs"] >= 0 else []
+            argv = ["--iterations", "0", "--max-new-tokens", str(task["max_new_tokens"])] + epochs
+        else:
+            argv = (["--model", os.path.join(sfts[-1]["dir"], "final"), "--task", "arith"]
+                    + demo_flags(iterations=0, sft_epochs=task["sft_epochs"], max_new_tokens=task["max_new_tokens"]))
+        sfts.append({"label": task["chain_length"], "dir": sft,
+                     "argv": argv + flags + ["--seed", args.seeds.split(",")[0], "--output-dir", sft]})
+    for seed in args.seeds.split(","):
+        for task, sft in zip(length_settings(args), sfts):
+            for critic in args.critics.split(","):
+                run_dir = os.path.join(args.output_dir, task["chain_length"], f"{critic}-seed{seed}")
+                flags = ["--max-new-tokens", str(task["max_new_tokens"]), "--chain-length", task["chain_length"],
+                         "--slip-rate", f"{task['slip_rate']:g}"]
+                runs.append({"setting": task["chain_length"], "critic": critic, "seed": seed, "dir": run_dir,
+                             "argv": rl_argv(sft["dir"], critic, seed, flags, run_dir, args)})
+    return sfts, runs
 
 
-def sft_argv(i: int, settings: list[dict], args: LengthArgs) -> list[str]:
-    """SFT only (--iterations 0): from scratch on the first chain length (-1: the demo's epochs); each later
-    one continues the previous length's SFT model for its epochs. Evaluated as the demo (256 problems x 4)."""
-    task = settings[i]
-    argv = ["--chain-length", task["chain_length"], "--slip-rate", f"{task['slip_rate']:g}",
-            "--seed", args.seeds.split(",")[0], "--output-dir", sft_dir(args, i)]
-    if i == 0:  # `tiny`: the demo's settings apply by themselves
-        epochs = ["--sft-epochs", f"{task['sft_epochs']:g}"] if task["sft_epochs"] >= 0 else []
-        return ["--iterations", "0", "--max-new-tokens", str(task["max_new_tokens"])] + epochs + argv
-    return (["--model", os.path.join(sft_dir(args, i - 1), "final"), "--task", "arith"]
-            + demo_flags(iterations=0, sft_epochs=task["sft_epochs"], max_new_tokens=task["max_new_tokens"]) + argv)
-
-
-def rl_argv(i: int, seed: str, critic: str, settings: list[dict], args: LengthArgs) -> list[str]:
-    """One RL run from the chain length's SFT model: the demo's settings but for the number of iterations and
-    the evaluation, which are the same for every method."""
-    task = settings[i]
-    return (["--model", os.path.join(sft_dir(args, i), "final"), "--task", "arith", "--critic", critic]
-            + demo_flags(sft_epochs=0, iterations=args.iterations, eval_every=args.eval_every,
-                         eval_problems=args.eval_problems, save_every=args.eval_every,
-                         max_new_tokens=task["max_new_tokens"])
-            + ["--chain-length", task["chain_length"], "--slip-rate", f"{task['slip_rate']:g}", "--seed", seed,
-               "--output-dir", rl_dir(args, task["chain_length"], critic, seed)])
-
-
-def sft_dir(args: LengthArgs, i: int) -> str:
-    return os.path.join(args.output_dir, f"sft-{args.chain_lengths.split(',')[i]}")
-
-
-def rl_dir(args: LengthArgs, chain_length: str, critic: str, seed: str) -> str:
-    return os.path.join(args.output_dir, chain_length, f"{critic}-seed{seed}")
-
-
+# --- runs: skip the finished, resume the stopped, refuse other settings --------------------------
 COMPARED_AWAY = ("output_dir", "overwrite", "resume", "device")  # may differ without changing a run
 
 
@@ -1191,7 +1293,8 @@ def changed_settings(argv: list[str], output_dir: str) -> list[str] | None:
     with open(settings_path) as f:
         saved = json.load(f)
     planned = asdict(vineppo.parse_args(argv))
-    return sorted(k for k in planned if k not in COMPARED_AWAY and saved.get(k) != planned[k])
+    defaults = asdict(vineppo.Args())  # a run made before a flag existed ran with its default
+    return sorted(k for k in planned if k not in COMPARED_AWAY and saved.get(k, defaults[k]) != planned[k])
 
 
 def run_state(argv: list[str], output_dir: str) -> str:
@@ -1216,21 +1319,70 @@ def train(argv: list[str], output_dir: str) -> None:
     vineppo.main(argv + (["--resume"] if state == "resume" else ["--overwrite"]))
 
 
-# --- aggregation by chain length (pure functions of the runs' metrics) ---------------------------
-def halfway(records: list[dict], target: float) -> dict | None:
-    """The first evaluation at which pass@1 reached halfway from the run's start (iteration 0) to `target`:
-    its iteration, seconds of RL (the critic's warm-up included) and tokens generated so far; None if never,
-    or if `target` is no better than the start (no way to go)."""
-    start, tokens = records[0]["eval/pass@1"], 0
-    if target <= start:
-        return None
+def finished_runs(sfts: list[dict], planned: list[dict]) -> tuple[dict, list[dict], dict]:
+    """What the report reads, from the runs finished with the experiment's settings only (`changed_settings`,
+    the check training makes): each SFT model's pass@1 (256 held-out problems x 4) and every RL run,
+    summarised (`vineppo.summarize_run`) with its metrics. Also the finished runs left out, made with other
+    settings: {run directory: the settings that differ}."""
+    sft, runs, left_out = {}, [], {}
+    for job in sfts + planned:
+        changed = changed_settings(job["argv"], job["dir"])
+        if changed:
+            left_out[job["dir"]] = changed
+        elif changed == [] and "label" in job:
+            sft[job["label"]] = vineppo.read_metrics(job["dir"])[0]["eval/pass@1"]
+        elif changed == []:
+            runs.append({**vineppo.summarize_run(job["dir"]), "setting": job["setting"], "seed": job["seed"],
+                         "records": vineppo.read_metrics(job["dir"])})
+    return sft, runs, left_out
+
+
+# --- aggregation by setting and method (pure functions of the runs' metrics) ---------------------
+def time_to_reach(records: list[dict], target: float) -> dict | None:
+    """The first evaluation after the start at which pass@1 reached `target`: its iteration, seconds of RL
+    (the critic's warm-up included) and tokens generated so far (warm-up included); None if never."""
+    tokens = 0
     for r in records:
         tokens += sum(r.get(key, 0) for key in vineppo.TOKEN_KEYS)
-        halfway_there = start + (target - start) / 2 - 1e-9  # pass@1 is a count over samples: a tie counts
-        if r["iteration"] > 0 and "eval/pass@1" in r and r["eval/pass@1"] >= halfway_there:
+        if r["iteration"] > 0 and r.get("eval/pass@1", -1.0) >= target - 1e-9:  # a count over samples: ties count
             return {"iteration": r["iteration"], "tokens": tokens,
                     "seconds": r["time/elapsed_s"] + records[0].get("time/critic_warmup_s", 0.0)}
     return None
+
+
+def halfway(records: list[dict], target: float) -> dict | None:
+    """`time_to_reach` half the way from the run's start (iteration 0) to `target`; None if never, or if
+    `target` is no better than the start (no way to go)."""
+    start = records[0]["eval/pass@1"]
+    return time_to_reach(records, start + (target - start) / 2) if target > start else None
+
+
+def peak(records: list[dict]) -> float:
+    """The best pass@1 of the run's evaluations after the start."""
+    return max(r["eval/pass@1"] for r in records if r["iteration"] > 0 and "eval/pass@1" in r)
+
+
+def kl_curve(records: list[dict]) -> list[tuple[float, float]]:
+    """(KL to the reference, pass@1) at each evaluation: the KL is the iteration's (`losses/kl`, k3 per
+    response, during its update); 0 before RL."""
+    return [(r.get("losses/kl", 0.0) if r["iteration"] > 0 else 0.0, r["eval/pass@1"]) for r in records
+            if "eval/pass@1" in r]
+
+
+def pass_at_kl(records: list[dict], budget: float) -> float:
+    """The best pass@1 among the run's evaluations whose KL to the reference is within `budget` (the start's
+    KL is 0): accuracy for a KL spent, the paper's KL-efficiency plot read at one KL."""
+    return max(p for kl, p in kl_curve(records) if kl <= budget + 1e-12)
+
+
+def train_test_slope(records: list[dict]) -> float | None:
+    """The least-squares slope of test pass@1 against train pass@1 (`eval/train_pass@1`) over the run's
+    evaluations: test accuracy gained per unit of training accuracy. None without two distinct train values."""
+    points = [(r["eval/train_pass@1"], r["eval/pass@1"]) for r in records if "eval/train_pass@1" in r]
+    if len({x for x, _ in points}) < 2:
+        return None
+    mx, my = sum(x for x, _ in points) / len(points), sum(y for _, y in points) / len(points)
+    return sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -1240,112 +1392,138 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def aggregate(runs: list[dict], critics: list[str]) -> list[dict]:
-    """Rows of the table, per chain length and critic, from finished runs ({chain_length, critic, seed,
-    before, after, credit_ev, tokens, records}): pass@1 before and after and the gain, mean and std over
-    seeds; the first critic's gain minus this one's, paired by seed; the halfway point (`halfway`) to the
-    best final pass@1 among the critics of the same seed, averaged over the seeds that reached it, and
-    (reached, seeds whose best final pass@1 beat the start)."""
-    by_key = {(r["chain_length"], r["critic"], r["seed"]): r for r in runs}
+    """Rows of the tables, per setting and critic, from finished runs ({setting, critic, seed, before, after,
+    credit_ev, tokens, records}), mean and std over seeds; `minus` entries: the first critic's minus this
+    one's, paired by seed (absent for the first critic):
+    - pass@1 before and after, the gain (`lead`: minus), credit_ev, tokens;
+    - halfway (`halfway`) to the best final pass@1 among the critics of the same seed, averaged over the seeds
+      that reached it, and halfway_reached (reached, seeds whose best final pass@1 beat the start);
+    - to_ppo_peak: `time_to_reach` the best pass@1 of the `value` run of the same seed (the paper's "time to
+      PPO's peak"), over the seeds that reached it; ppo_over_it: PPO's own (iteration, seconds) to its peak
+      over this critic's, ratios of the means over seeds where both are known;
+    - at_matched_kl: `pass_at_kl` at the smallest of the seed's critics' largest KLs (every method spent
+      it), and at_matched_kl_minus;
+    - slope: `train_test_slope`, and slope_minus."""
+    def of(critic, setting, seed):
+        return next((r for r in runs if (r["critic"], r["setting"], r["seed"]) == (critic, setting, seed)), None)
+
+    def paired(mine, value):  # the first critic's value minus this one's, seed by seed
+        pairs = [(value(of(critics[0], r["setting"], r["seed"])), value(r)) for r in mine
+                 if of(critics[0], r["setting"], r["seed"]) is not None]
+        pairs = [a - b for a, b in pairs if a is not None and b is not None]
+        return mean_std(pairs) if pairs and mine[0]["critic"] != critics[0] else None
+
+    def spread(values):
+        values = [v for v in values if v is not None]
+        return mean_std(values) if values else None
+
     rows = []
-    for length in dict.fromkeys(r["chain_length"] for r in runs):
+    for setting in dict.fromkeys(r["setting"] for r in runs):
+        same_setting = [r for r in runs if r["setting"] == setting]
         for critic in critics:
-            mine = [r for r in runs if r["chain_length"] == length and r["critic"] == critic]
+            mine = [r for r in same_setting if r["critic"] == critic]
             if not mine:
                 continue
-            row = {"chain_length": length, "critic": critic, "seeds": [r["seed"] for r in mine]}
+            row = {"setting": setting, "critic": critic, "seeds": [r["seed"] for r in mine]}
             for key in ("before", "after", "tokens"):
                 row[key] = mean_std([r[key] for r in mine])
             row["gain"] = mean_std([r["after"] - r["before"] for r in mine])
-            evs = [r["credit_ev"] for r in mine if r["credit_ev"] is not None]
-            row["credit_ev"] = mean_std(evs) if evs else None
-            first = [(by_key[(length, critics[0], r["seed"])], r) for r in mine
-                     if (length, critics[0], r["seed"]) in by_key]
-            row["lead"] = mean_std([(a["after"] - a["before"]) - (b["after"] - b["before"]) for a, b in first]) \
-                if first and critic != critics[0] else None
+            row["credit_ev"] = spread([r["credit_ev"] for r in mine])
+            row["lead"] = paired(mine, lambda r: r["after"] - r["before"])
             reached, gained = [], 0  # gained: runs whose seed's best final pass@1 beats their start
             for r in mine:
-                best = max(o["after"] for o in runs if o["chain_length"] == length and o["seed"] == r["seed"])
+                best = max(o["after"] for o in same_setting if o["seed"] == r["seed"])
                 gained += best > r["before"]
                 reached.append(halfway(r["records"], best))
             done = [h for h in reached if h is not None]
             row["halfway"] = {key: mean_std([h[key] for h in done]) for key in ("iteration", "seconds", "tokens")} \
                 if done else None
             row["halfway_reached"] = (len(done), gained)
+            ppo = {r["seed"]: of("value", setting, r["seed"]) for r in mine}
+            times = {r["seed"]: time_to_reach(r["records"], peak(ppo[r["seed"]]["records"])) for r in mine if ppo[r["seed"]]}
+            done = [t for t in times.values() if t is not None]
+            row["to_ppo_peak"] = {key: mean_std([t[key] for t in done]) for key in ("iteration", "seconds", "tokens")} \
+                if done else None
+            row["to_ppo_peak_reached"] = (len(done), len(times))
+            both = [(time_to_reach(ppo[s]["records"], peak(ppo[s]["records"])), t) for s, t in times.items() if t]
+            row["ppo_over_it"] = {key: sum(p[key] for p, _ in both) / sum(t[key] for _, t in both)
+                                  for key in ("iteration", "seconds")} if both else None
+            budget = {r["seed"]: min(max(kl for kl, _ in kl_curve(o["records"])) for o in same_setting
+                                     if o["seed"] == r["seed"]) for r in mine}
+            row["kl_budget"] = mean_std(list(budget.values()))
+            row["at_matched_kl"] = mean_std([pass_at_kl(r["records"], budget[r["seed"]]) for r in mine])
+            row["at_matched_kl_minus"] = paired(mine, lambda r: pass_at_kl(r["records"], budget[r["seed"]]))
+            row["slope"] = spread([train_test_slope(r["records"]) for r in mine])
+            row["slope_minus"] = paired(mine, lambda r: train_test_slope(r["records"]))
             rows.append(row)
     return rows
 
 
-def finished_runs(args: LengthArgs, settings: list[dict]) -> tuple[dict, list[dict], dict]:
-    """What the report reads, from the runs finished with the experiment's settings only (`changed_settings`,
-    the check training makes): each chain length's SFT pass@1 (256 held-out problems x 4) and every RL run,
-    summarised (`vineppo.summarize_run`) with its metrics. Also the finished runs left out, made with other
-    settings: {run directory: the settings that differ}."""
-    sft, runs, left_out = {}, [], {}
-
-    def made_with_these_settings(argv: list[str], run_dir: str) -> bool:
-        changed = changed_settings(argv, run_dir)
-        if changed:
-            left_out[run_dir] = changed
-        return changed == []
-
-    for i, task in enumerate(settings):
-        if made_with_these_settings(sft_argv(i, settings, args), sft_dir(args, i)):
-            sft[task["chain_length"]] = vineppo.read_metrics(sft_dir(args, i))[0]["eval/pass@1"]
-        for seed in args.seeds.split(","):
-            for critic in args.critics.split(","):
-                run_dir = rl_dir(args, task["chain_length"], critic, seed)
-                if made_with_these_settings(rl_argv(i, seed, critic, settings, args), run_dir):
-                    runs.append({**vineppo.summarize_run(run_dir), "chain_length": task["chain_length"], "seed": seed,
-                                 "records": vineppo.read_metrics(run_dir)})
-    return sft, runs, left_out
+# --- report: tables, figures, results ------------------------------------------------------------
+def pm(pair, digits=3, sign=""):
+    return "" if pair is None else f"{pair[0]:{sign}.{digits}f} ± {pair[1]:.{digits}f}"
 
 
-def print_length_table(rows: list[dict], sft: dict, settings: list[dict], critics: list[str]) -> None:
-    """One line per chain length and critic: mean ± std over seeds."""
-    def pm(pair, digits=3, sign=""):
-        return "" if pair is None else f"{pair[0]:{sign}.{digits}f} ± {pair[1]:.{digits}f}"
-    header = (f"{'chain':<6} {'slip':>5} {'SFT':>5}  {'critic':<6} {'n':>2}  {'pass@1 before -> after':<29} "
-              f"{'gain':<15} {critics[0] + ' minus it':<16} {'ev':<11} {'halfway: iteration':<19} {'seconds':>7} "
-              f"{'tokens':>7}")
+def print_experiment_tables(rows: list[dict], critics: list[str]) -> None:
+    """Two tables, one line per setting and critic, mean ± std over seeds: the gain; the paper's claims."""
+    first = critics[0] + " minus it"
+    header = (f"{'setting':<16} {'critic':<6} {'n':>2}  {'pass@1 before -> after':<29} {'gain':<15} {first:<16} "
+              f"{'ev':<11} {'halfway: iteration':<19} {'seconds':>7} {'tokens':>7}")
     print("\n" + header + "\n" + "-" * len(header))
-    slip = {s["chain_length"]: s["slip_rate"] for s in settings}
     for row in rows:
         half, (reached, of) = row["halfway"], row["halfway_reached"]
         iteration = ("no gain" if not of else pm(half["iteration"], 1) if half else "not reached") + (
             f" ({reached}/{of})" if of and (reached < of or of < len(row["seeds"])) else "")
         seconds = f"{half['seconds'][0]:.0f}" if half else ""
-        print(f"{row['chain_length']:<6} {slip[row['chain_length']]:5.3f} {sft.get(row['chain_length'], math.nan):5.3f}  "
-              f"{row['critic']:<6} {len(row['seeds']):>2}  {pm(row['before'])} -> {pm(row['after'])} "
-              f"{pm(row['gain'], sign='+'):<15} {pm(row['lead'], sign='+'):<16} {pm(row['credit_ev'], 2) or 'n/a':<11} "
-              f"{iteration:<19} "
-              f"{seconds:>7} {row['tokens'][0] / 1e3:6.0f}k")
-    print("n: seeds; slip: the tutor's rate per slip-prone step; SFT: pass@1 of the SFT model (256 x 4); gain, "
-          "minus: mean ± std over seeds (minus: paired by seed); ev: the credit's explained variance of the returns; "
-          "halfway: the first evaluation at half the way from the start to the seed's best final pass@1 (reached/seeds "
-          "where the best beat the start, if not all), and its seconds of RL (evaluations and the critic's warm-up "
-          "included); tokens: generated per run, all rollouts")
+        print(f"{row['setting']:<16} {row['critic']:<6} {len(row['seeds']):>2}  {pm(row['before'])} -> "
+              f"{pm(row['after'])} {pm(row['gain'], sign='+'):<15} {pm(row['lead'], sign='+'):<16} "
+              f"{pm(row['credit_ev'], 2) or 'n/a':<11} {iteration:<19} {seconds:>7} {row['tokens'][0] / 1e3:6.0f}k")
+    print("n: seeds; gain, minus: mean ± std over seeds (minus: paired by seed); ev: the credit's explained variance of "
+          "the returns; halfway: the first evaluation at half the way from the start to the seed's best final pass@1 "
+          "(reached/seeds where the best beat the start, if not all), and its seconds of RL (evaluations and the "
+          "critic's warm-up included); tokens: generated per run, all rollouts")
+    header = (f"{'setting':<16} {'critic':<6} {'to PPO peak: iteration':<23} {'seconds':>7} {'tokens':>7} "
+              f"{'PPO/it: it., s':<15} {'pass@1 at KL':<14} {'(KL)':>6} {first:<16} {'test/train slope':<16} {first}")
+    print("\n" + header + "\n" + "-" * len(header))
+    for row in rows:
+        to_peak, (reached, of), ratio = row["to_ppo_peak"], row["to_ppo_peak_reached"], row["ppo_over_it"]
+        iteration = (pm(to_peak["iteration"], 1) if to_peak else "not reached" if of else "no PPO run") + (
+            f" ({reached}/{of})" if reached < of else "")
+        seconds, tokens = (f"{to_peak['seconds'][0]:.0f}", f"{to_peak['tokens'][0] / 1e3:.0f}k") if to_peak else ("", "")
+        ratios = f"{ratio['iteration']:.1f}x, {ratio['seconds']:.1f}x" if ratio else ""
+        print(f"{row['setting']:<16} {row['critic']:<6} {iteration:<23} {seconds:>7} {tokens:>7} {ratios:<15} "
+              f"{pm(row['at_matched_kl']):<14} {row['kl_budget'][0]:6.3f} {pm(row['at_matched_kl_minus'], sign='+'):<16} "
+              f"{pm(row['slope'], 2) or 'n/a':<16} {pm(row['slope_minus'], 2, sign='+')}")
+    print("to PPO peak: the first evaluation at which the run reached the best pass@1 of the seed's PPO (value) run, "
+          "mean over the seeds that reached it, with seconds of RL and tokens to it; PPO/it: PPO's iterations and "
+          "seconds to its own peak over this run's to it; pass@1 at KL: the best pass@1 of the evaluations within "
+          "a KL to the reference that every method of the seed reached (KL: k3 per response, mean budget); "
+          "test/train slope: test pass@1 gained per unit of train pass@1 (least squares over evaluations)")
 
 
-def save_length_figure(rows: list[dict], critics: list[str], path: str) -> str:
-    """Left: the gain in pass@1 of each method against the mean number of operations; right: the first
-    method's gain minus each other's, paired by seed; both ± std over seeds."""
+NAMES = {"mc": "VinePPO (mc)", "value": "PPO (value, tuned)", "grpo": "GRPO", "rloo": "RLOO"}
+COLORS = {"mc": "C0", "value": "C1", "grpo": "C2", "rloo": "C3"}
+
+
+def save_gain_figure(rows: list[dict], critics: list[str], xlabel: str, path: str) -> str:
+    """Left: the gain in pass@1 of each method per setting; right: the first method's gain minus each other's,
+    paired by seed; both ± std over seeds."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = {"mc": "VinePPO (mc)", "value": "PPO (value, tuned)", "grpo": "GRPO", "rloo": "RLOO"}
-    lengths = list(dict.fromkeys(r["chain_length"] for r in rows))
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for shift, critic, color in zip((-0.15, 0, 0.15, 0.3), critics, ("C0", "C1", "C2", "C3")):
+    for shift, critic in zip((-0.15, 0, 0.15, 0.3), critics):
         for ax, key in zip(axes, ("gain", "lead")):
             mine = [r for r in rows if r["critic"] == critic and r[key] is not None]
             if mine:
-                ax.errorbar([shift + sum(vineppo.parse_chain_length(r["chain_length"])) / 2 for r in mine],
-                            [r[key][0] for r in mine], yerr=[r[key][1] for r in mine], marker="o", capsize=3,
-                            color=color, label=names.get(critic, critic) if key == "gain" else f"minus {critic}")
+                ax.errorbar([shift + settings.index(r["setting"]) for r in mine], [r[key][0] for r in mine],
+                            yerr=[r[key][1] for r in mine], marker="o", capsize=3, color=COLORS[critic],
+                            label=NAMES[critic] if key == "gain" else f"minus {critic}")
     for ax, label in zip(axes, ("pass@1 gain from RL", f"{critics[0]}'s gain minus the other's")):
-        ax.set_xticks([sum(vineppo.parse_chain_length(length)) / 2 for length in lengths], lengths)
-        ax.set_xlabel("operations per problem (chain length)")
+        ax.set_xticks(range(len(settings)), settings)
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(f"{label} (mean ± std over seeds)", fontsize=9)
         ax.axhline(0, color="gray", lw=0.8)
         ax.grid(alpha=0.3)
@@ -1357,43 +1535,80 @@ def save_length_figure(rows: list[dict], critics: list[str], path: str) -> str:
     return path
 
 
-def lengths_main(argv: list[str]) -> dict:
-    args = parse_length_args(argv)
-    settings, critics, start = length_settings(args), args.critics.split(","), time.time()
+def save_curves_figure(runs: list[dict], critics: list[str], path: str) -> str:
+    """Per setting (a column): pass@1 against the KL to the reference at each evaluation (the paper's KL
+    efficiency) and, where the runs evaluated training problems, test against train pass@1 (its
+    generalization figure). One line per run, a color per method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = list(dict.fromkeys(r["setting"] for r in runs))
+    panels = 2 if any("eval/train_pass@1" in rec for r in runs for rec in r["records"]) else 1
+    fig, axes = plt.subplots(panels, len(settings), figsize=(4.5 * len(settings), 3.8 * panels), squeeze=False)
+    for column, setting in enumerate(settings):
+        for critic in critics:
+            for n, r in enumerate(x for x in runs if (x["setting"], x["critic"]) == (setting, critic)):
+                label = NAMES[critic] if n == 0 else None
+                kl, test = zip(*kl_curve(r["records"]))
+                axes[0][column].plot(kl, test, marker=".", color=COLORS[critic], alpha=0.7, label=label)
+                train = [(rec["eval/train_pass@1"], rec["eval/pass@1"]) for rec in r["records"] if "eval/train_pass@1" in rec]
+                if panels == 2 and train:
+                    axes[1][column].plot(*zip(*train), marker=".", color=COLORS[critic], alpha=0.7, label=label)
+        axes[0][column].set(title=setting, xlabel="KL to the reference (k3, per response)", ylabel="test pass@1")
+        if panels == 2:
+            axes[1][column].set(xlabel="train pass@1 (a fixed subset)", ylabel="test pass@1")
+        for ax in axes[:, column]:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def experiment_main(argv: list[str], lengths: bool) -> dict:
+    args = parse_experiment_args(argv, lengths)
+    sfts, planned = length_plan(args) if lengths else sweep_plan(args)
+    critics, start = args.critics.split(","), time.time()
+    name = "" if lengths else sweep_settings(args)[0]["flag"].replace("_", "-")
     if not args.report:
+        for job in planned:  # every run's settings are checked before the first is trained (its model may not
+            vineppo.parse_args(job["argv"] + ["--model", "tiny"])  # exist yet: the tiny one stands in)
         os.makedirs(args.output_dir, exist_ok=True)
         try:
-            for i in range(len(settings)):  # the SFT models, each from the previous
-                train(sft_argv(i, settings, args), sft_dir(args, i))
-            for seed in args.seeds.split(","):  # seed by seed: a stop leaves every chain length with results
-                for i, task in enumerate(settings):
-                    for critic in critics:
-                        train(rl_argv(i, seed, critic, settings, args), rl_dir(args, task["chain_length"], critic, seed))
+            for job in sfts + planned:
+                train(job["argv"], job["dir"])
         except SystemExit as stop:
             if stop.code not in (None, 0):
                 print("the experiment stopped; the same command continues it (finished runs are skipped)",
                       file=sys.stderr)
             raise
-    sft, runs, left_out = finished_runs(args, settings)
+    sft, runs, left_out = finished_runs(sfts, planned)
     for run_dir, changed in left_out.items():
         print(f"{run_dir}: left out, made with other settings ({', '.join(changed)})")
     if not runs:
         sys.exit(f"error: {args.output_dir} holds no finished run made with these settings; " + (
             f"{len(left_out)} made with others are named above: give the flags they were made with" if left_out
-            else "run python compare_critics.py --lengths"))
+            else f"run python compare_critics.py {'--lengths' if lengths else '--sweep ' + args.sweep}"))
     rows = aggregate(runs, critics)
-    print_length_table(rows, sft, settings, critics)
+    print("SFT models, pass@1 (256 held-out problems x 4): " + ", ".join(f"{k} {v:.3f}" for k, v in sft.items()))
+    print_experiment_tables(rows, critics)
+    stem = "results.json" if lengths else f"results-{name}.json"
     try:
-        figure = save_length_figure(rows, critics, os.path.join(args.output_dir, "lengths.png"))
+        figures = [save_gain_figure(rows, critics, "chain length (operations)" if lengths else name,
+                                    os.path.join(args.output_dir, "lengths.png" if lengths else f"gains-{name}.png")),
+                   save_curves_figure(runs, critics, os.path.join(args.output_dir, f"curves{name and '-' + name}.png"))]
     except ImportError:
-        figure = None
-        print("matplotlib is not installed: no lengths.png (pip install matplotlib)")
-    out = {"args": asdict(args), "settings": settings, "sft_pass@1": sft, "rows": rows, "figure": figure,
+        figures = []
+        print("matplotlib is not installed: no figures (pip install matplotlib)")
+    out = {"args": asdict(args), "settings": length_settings(args) if lengths else sweep_settings(args),
+           "sft_pass@1": sft, "rows": rows, "figures": figures,
            "runs": [{k: v for k, v in r.items() if k != "records"} for r in runs], "left_out": left_out,
            "seconds": time.time() - start}
-    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+    with open(os.path.join(args.output_dir, stem), "w") as f:
         json.dump(out, f, indent=1)
-    print(f"{len(runs)} runs | {os.path.join(args.output_dir, 'results.json')}" + (f", {figure}" if figure else ""))
+    print(f"{len(runs)} runs | {os.path.join(args.output_dir, stem)}" + "".join(f", {f}" for f in figures))
     return out
 
 

@@ -748,6 +748,9 @@ class Args(MethodArgs):
     """evaluate every this many iterations (and always before RL and at the end)"""
     eval_problems: int = 0
     """held-out problems used for evaluation; 0 = all of them"""
+    eval_train_problems: int = 0
+    """also evaluate on this many training problems, the first ones (a fixed subset; the official code evaluates
+    ~500): eval/train_pass@1, to read test against train accuracy (generalization); 0 = off"""
     eval_samples: int = 16
     """samples per held-out problem for pass@1 (paper: 16)"""
     eval_temperature: float = 0.35
@@ -909,8 +912,9 @@ def check_args(args: Args) -> None:
             problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if not 0 < args.top_p <= 1:
         problems.append(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.sft_epochs < 0 or args.kl_coef < 0 or args.eval_problems < 0 or args.save_every < 0:
-        problems.append("--sft-epochs, --kl-coef, --eval-problems and --save-every cannot be negative")
+    if min(args.sft_epochs, args.kl_coef, args.eval_problems, args.eval_train_problems, args.save_every) < 0:
+        problems.append("--sft-epochs, --kl-coef, --eval-problems, --eval-train-problems and --save-every cannot be "
+                        "negative")
     if args.minibatch_size > args.prompts_per_iteration * args.samples_per_prompt:
         problems.append(f"--minibatch-size {args.minibatch_size} is larger than the batch of "
                         f"{args.prompts_per_iteration * args.samples_per_prompt} responses per iteration")
@@ -1956,6 +1960,8 @@ def evaluate_into(record: dict, run: Run, args: Args) -> None:
         record["eval/pass@1"] = evaluate(run.policy, run.tokenizer, run.test, args)
         if run.validation:
             record["eval/val_pass@1"] = evaluate(run.policy, run.tokenizer, run.validation, args)
+        if args.eval_train_problems:  # after the others, so their samples do not depend on it
+            record["eval/train_pass@1"] = evaluate(run.policy, run.tokenizer, run.train[:args.eval_train_problems], args)
 
 
 def end_iteration(run: Run, record: dict, episodes: list[Episode], stats: dict, args: Args, stop) -> None:

@@ -275,3 +275,28 @@ def test_experiment_end_to_end_skips_finished_runs_and_resumes(tmp_path, monkeyp
     with pytest.raises(SystemExit) as stop:  # the settings are fixed: other ones need another directory
         cc.main([f if f != "--iterations" else "--iterations=3" for f in flags if f != "2"])
     assert "other settings" in str(stop.value)
+
+
+def test_sweep_end_to_end_shares_the_demo_runs_and_reports_the_claims(tmp_path, monkeypatch, capsys):
+    """--sweep over a flag: one SFT model per seed, the value equal to the demo's runs in demo/ (a second sweep
+    that includes it trains nothing there), train pass@1 logged at every evaluation, the claims table printed."""
+    monkeypatch.setattr(vineppo, "TINY_DEMO_OVERRIDES", SMALL)
+    flags = ["--seeds", "0", "--critics", "mc,value", "--iterations", "2", "--eval-every", "1", "--eval-problems", "4",
+             "--eval-train-problems", "4", "--output-dir", str(tmp_path)]
+    first = cc.main(["--sweep", "temperature=0.6,1.0"] + flags)
+    assert sorted(r["run"] for r in first["runs"]) == sorted(
+        str(tmp_path / s / f"{c}-seed0") for s in ("demo", "temperature=1.0") for c in ("mc", "value"))
+    assert [r["setting"] for r in first["rows"]] == ["demo", "demo", "temperature=1.0", "temperature=1.0"]
+    for r in first["runs"]:
+        assert all("eval/train_pass@1" in rec for rec in vineppo.read_metrics(r["run"]))
+    hot = vineppo.parse_args(["--model", "tiny"] + cc.sweep_plan(cc.parse_experiment_args(
+        ["--sweep", "temperature=0.6,1.0"] + flags, False))[1][2]["argv"][4:])
+    assert hot.temperature == 1.0 and hot.eval_train_problems == 4
+    assert os.path.isfile(tmp_path / "results-temperature.json") and os.path.isfile(tmp_path / "curves-temperature.png")
+    printed = capsys.readouterr().out
+    assert "to PPO peak" in printed and "test/train slope" in printed
+
+    second = cc.main(["--sweep", "mc-rollouts=1,2", "--critics", "mc"] + flags[4:])  # 2 = SMALL's: the demo's
+    printed = capsys.readouterr().out
+    assert printed.count("finished, skipped") == 2 and "mc-rollouts=1/mc-seed0: starting" in printed
+    assert [r["setting"] for r in second["rows"]] == ["mc-rollouts=1", "demo"]

@@ -252,6 +252,27 @@ def test_evaluation_has_its_own_random_stream(monkeypatch):
     assert scores[0] == scores[1] and 0 < scores[0] < 1
 
 
+def test_train_subset_evaluation_is_a_fixed_subset_and_leaves_test_pass_at_1_alone(monkeypatch):
+    """--eval-train-problems N adds eval/train_pass@1 on the first N training problems; pass@1 on the test
+    problems is the same with and without it, and off (0) adds nothing."""
+    monkeypatch.setattr(vineppo, "reward_of", lambda task, text, ended, answer: float(answer in ("0", "1", "3")))
+    tok = vineppo.build_tiny_tokenizer()
+    train = [{"problem": f"Start at {i}: +1.", "answer": str(i)} for i in range(6)]
+    test = [{"problem": "Start at 7: +1.", "answer": "1"}, {"problem": "Start at 9: +1.", "answer": "2"}]
+    run = vineppo.Run(tok, vineppo.build_tiny_model(tok, seed=0).eval(), None, None, [], [], train, [], test,
+                      torch.device("cpu"))
+    records = []
+    for n in (0, 4, 2):
+        record = {"iteration": 2}
+        vineppo.evaluate_into(record, run, vineppo.Args(task="arith", eval_samples=2, max_new_tokens=4,
+                                                        eval_train_problems=n))
+        records.append(record)
+    assert "eval/train_pass@1" not in records[0]
+    assert records[0]["eval/pass@1"] == records[1]["eval/pass@1"] == records[2]["eval/pass@1"] == 0.5
+    assert records[1]["eval/train_pass@1"] == 0.75  # the first four: answers 0, 1, 3 of 0..3 earn 1
+    assert records[2]["eval/train_pass@1"] == 1.0  # the first two: 0 and 1
+
+
 def test_rl_from_a_saved_sft_model_repeats_the_run_that_trained_it(tmp_path, monkeypatch):
     """SFT + RL in one run, and RL alone from that run's saved SFT model (--model DIR --sft-epochs 0), log the
     same metrics: RL's random stream starts from the seed after SFT (how the README's 3 seeds x 4 critics
