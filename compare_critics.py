@@ -99,6 +99,7 @@ The file reads top to bottom in the order the analyses run:
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import math
@@ -151,11 +152,26 @@ class Args:
     """most sequences in one `generate` call"""
     device: str = "auto"
     """'auto' (cuda, then mps, then cpu), 'cpu', 'cuda' or 'mps'"""
+    ceiling_problems: int = 256
+    """the critic's ceiling: training problems whose responses (--samples-per-problem each) give the states it is
+    fit on, with a fifth of the problems held out to choose its lr and epochs; 0 = no ceiling row"""
+    ceiling_k: int = 16
+    """rollouts per state of the ceiling's MC labels"""
+    ceiling_lrs: str = "1e-4,3e-4,1e-3,3e-3"
+    """learning rates tried for the ceiling (AdamW, minibatches of 64 states)"""
+    ceiling_epochs: int = 12
+    """most epochs over the labelled states per learning rate; the best epoch on the held-out fifth is kept"""
 
 
-# With no --run: the demo's `vineppo.py --critic value` run (TINY_DEMO_OVERRIDES), with a smaller
-# evaluation, so that training plus this analysis fits in 15 minutes on a 2-core CPU.
-TRAIN_ARGV = ["--critic", "value", "--eval-problems", "128"]
+# With no --run: the demo's SFT model (sft/), then the demo's `vineppo.py --critic value` run from it (run/;
+# RL from a saved SFT model repeats the run that trained it), with a smaller evaluation, so that training plus
+# this analysis fits in 15 minutes on a 2-core CPU. The SFT model is saved for the critic's ceiling.
+SFT_ARGV = ["--iterations", "0"]
+
+
+def train_argv(sft_dir: str) -> list[str]:
+    return (["--model", os.path.join(sft_dir, "final"), "--task", "arith", "--critic", "value"]
+            + demo_flags(sft_epochs=0, eval_problems=128))
 
 # With no --run, the ranking test departs from the paper's (5 alternatives, >= 3 distinct) in ONE place:
 # after RL the demo policy is nearly deterministic at T=0.6 and an arithmetic step has at most two plausible
@@ -164,6 +180,7 @@ TRAIN_ARGV = ["--critic", "value", "--eval-problems", "128"]
 DEMO_OVERRIDES = dict(alternatives=8, alternatives_temperature=1.0, min_alternatives=2)
 
 # The paper's figures, DeepSeekMath 7B on MATH, read in secondary summaries of the paper (not the paper).
+CEILING = "value net fit to MC"  # the critic's ceiling (`fit_ceiling`)
 PAPER = {"value network": "MAE 0.11; ranking near chance", "MC K=9": "MAE 0.03; top-1 70-90%"}
 
 
@@ -202,7 +219,14 @@ def parse_args(argv: list[str] | None = None) -> Args:
     values.update(given)
     args = Args(**values)
     problems = count_and_mc_k_problems(args, ("problems", "samples_per_problem", "k_gt", "alternatives",
-                                              "ranking_states", "position_bins", "bootstrap", "rollout_batch_size"))
+                                              "ranking_states", "position_bins", "bootstrap", "rollout_batch_size",
+                                              "ceiling_k", "ceiling_epochs"))
+    if args.ceiling_problems < 0 or args.ceiling_problems == 1:
+        problems.append(f"--ceiling-problems must be 0 (no ceiling) or at least 2, got {args.ceiling_problems}")
+    try:
+        assert all(float(lr) > 0 for lr in args.ceiling_lrs.split(","))
+    except (ValueError, AssertionError):
+        problems.append(f"--ceiling-lrs must be positive numbers separated by commas; got {args.ceiling_lrs!r}")
     if args.min_alternatives < 2:
         problems.append(f"--min-alternatives must be at least 2 (a ranking needs two steps), got {args.min_alternatives}")
     if args.alternatives_temperature < 0:
@@ -333,16 +357,20 @@ def bootstrap_ci(statistic, clusters: list, *, n_resamples: int, seed: int, leve
 # ============================================================================================
 # States and rollouts, exactly as vineppo.py builds them
 # ============================================================================================
+def load_causal_lm(path: str, device):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path, **{vineppo.FROM_PRETRAINED_DTYPE_KWARG: torch.float32}).to(device).eval()
+
+
 def load_run(run_dir: str, device):
     """The policy, tokenizer and value network of a `vineppo.py --critic value` run, and its Args."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     final = os.path.join(run_dir, "final")
     with open(os.path.join(final, "args.json")) as f:
         saved = json.load(f)
     run_args = vineppo.Args(**{f.name: saved[f.name] for f in fields(vineppo.Args) if f.name in saved})
     tokenizer = AutoTokenizer.from_pretrained(final, padding_side="left")
-    fp32 = {vineppo.FROM_PRETRAINED_DTYPE_KWARG: torch.float32}
-    policy = AutoModelForCausalLM.from_pretrained(final, **fp32).to(device).eval()
+    policy = load_causal_lm(final, device)
     value_model = vineppo.ValueNetwork.load(os.path.join(final, "value")).to(device).eval()
     return policy, tokenizer, value_model, run_args
 
@@ -399,6 +427,71 @@ def value_network_predictions(value_model, states: list[tuple[int, ...]], pad_id
                               batch["position_ids"].to(device))  # [rows, width]
         values += out[:, -1].tolist()
     return values
+
+
+# The critic's ceiling: what this value network can learn of the policy's values at all, PPO's budget aside.
+# The same network (a copy of the run's SFT model + a linear head, as `--critic value` starts), fit by plain
+# regression on MC labels of states of training problems (the policy's own responses, as PPO's critic sees
+# them), its lr and epochs chosen on held-out problems' states. PPO's critic instead gets a few optimizer steps
+# per iteration on single-rollout returns of a policy that keeps moving.
+def ceiling_states(policy, tokenizer, run_args: vineppo.Args, args: Args) -> list[dict]:
+    """States of responses the policy samples on --ceiling-problems training problems, each labelled with
+    the mean reward of --ceiling-k rollouts (`label`)."""
+    train, _, _ = vineppo.load_task(run_args)
+    indices = random.Random(args.seed + 1).sample(range(len(train)), min(args.ceiling_problems, len(train)))
+    records = response_states(vineppo.sample_episodes(policy, tokenizer, train, indices, run_args))
+    values, _ = vineppo.mc_values([r["state"] for r in records], args.ceiling_k,
+                                  make_rollout(policy, tokenizer, records, train, run_args, "MC labels (the ceiling)"))
+    for r in records:
+        r["label"] = values[r["state"]]
+    return records
+
+
+def fit_ceiling(sft_model, records: list[dict], pad_id: int, args: Args) -> tuple:
+    """Fit ValueNetwork.from_policy(sft_model) to the records' labels (squared error at the state's last
+    token, read as `value_network_predictions` reads it), at each of --ceiling-lrs for up to --ceiling-epochs;
+    a fifth of the problems is held out. Returns (the network of the best lr and epoch on them, that
+    {lr, epoch, held-out MSE, MSE of the labels' mean}, one such entry per lr)."""
+    problems = sorted({r["problem"] for r in records})
+    held_out = set(random.Random(args.seed).sample(problems, max(1, len(problems) // 5)))
+    fit = [r for r in records if r["problem"] not in held_out]
+    check = [r for r in records if r["problem"] in held_out]
+
+    def mse(network, rows):
+        predicted = value_network_predictions(network, [r["state"] for r in rows], pad_id, args.rollout_batch_size)
+        return sum((p - r["label"]) ** 2 for p, r in zip(predicted, rows)) / len(rows)
+
+    best, tried, order = None, [], random.Random(args.seed + 2)
+    for lr in [float(x) for x in args.ceiling_lrs.split(",")]:
+        network = vineppo.ValueNetwork.from_policy(sft_model).train()
+        optimizer = torch.optim.AdamW(network.parameters(), lr=lr, weight_decay=0.0)
+        device = next(network.parameters()).device
+        mine = {"lr": lr, "epoch": 0, "mse": mse(network.eval(), check), "state": copy.deepcopy(network.state_dict())}
+        for epoch in range(1, args.ceiling_epochs + 1):
+            network.train()
+            order.shuffle(fit)
+            for start in range(0, len(fit), 64):
+                rows = fit[start:start + 64]
+                batch = vineppo.collate([list(r["state"]) for r in rows], [[] for _ in rows], pad_id)
+                with vineppo.autocast(device):
+                    values = network(*(batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids")))
+                labels = torch.tensor([r["label"] for r in rows], device=device)
+                loss = ((values[:, -1] - labels) ** 2).mean()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            error = mse(network.eval(), check)
+            if error < mine["mse"]:
+                mine = {"lr": lr, "epoch": epoch, "mse": error, "state": copy.deepcopy(network.state_dict())}
+        tried.append({k: v for k, v in mine.items() if k != "state"})
+        if best is None or mine["mse"] < best[1]["mse"]:
+            best = (network, mine)
+    network, chosen = best
+    network.load_state_dict(chosen["state"])
+    mean_label = sum(r["label"] for r in fit) / len(fit)
+    constant = sum((mean_label - r["label"]) ** 2 for r in check) / len(check)
+    return network.eval(), {**{k: v for k, v in chosen.items() if k != "state"}, "constant_mse": constant,
+                            "states": [len(fit), len(check)], "tried": tried}
 
 
 # ============================================================================================
@@ -605,7 +698,9 @@ def main(argv: list[str] | None = None) -> dict:
         if os.path.isdir(os.path.join(args.run, "final", "value")) and not args.overwrite:
             sys.exit(f"error: {args.run} already holds a trained run: analyse it with --run {args.run}, "
                      f"or pass --overwrite to train a new one")
-        vineppo.main(TRAIN_ARGV + ["--output-dir", args.run] + (["--overwrite"] if args.overwrite else []))
+        sft, overwrite = os.path.join(args.output_dir, "sft"), ["--overwrite"] if args.overwrite else []
+        vineppo.main(SFT_ARGV + ["--output-dir", sft] + overwrite)
+        vineppo.main(train_argv(sft) + ["--output-dir", args.run] + overwrite)
         timings["train_s"] = time.time() - start
     random.seed(args.seed)  # seeding in one place (after training, which seeds itself)
     torch.manual_seed(args.seed)
@@ -641,6 +736,19 @@ def main(argv: list[str] | None = None) -> dict:
     for r, v in zip(everything, value_network_predictions(value_model, [r["state"] for r in everything],
                                                           tokenizer.pad_token_id, args.rollout_batch_size)):
         r["pred"]["value network"] = v
+    ceiling = None  # 5. the critic's ceiling: the same network from the run's SFT model, fit to MC labels
+    if args.ceiling_problems and os.path.isdir(run_args.model):
+        phase = time.time()
+        sft_model = load_causal_lm(run_args.model, device)
+        network, ceiling = fit_ceiling(sft_model, ceiling_states(policy, tokenizer, run_args, args),
+                                       tokenizer.pad_token_id, args)
+        for r, v in zip(everything, value_network_predictions(network, [r["state"] for r in everything],
+                                                              tokenizer.pad_token_id, args.rollout_batch_size)):
+            r["pred"][CEILING] = v
+        timings["ceiling_s"] = time.time() - phase
+    elif args.ceiling_problems:
+        print(f"no ceiling row: the run's SFT model ({run_args.model}) is not saved; train the run from a saved one "
+              f"(vineppo.py --iterations 0, then --model DIR --sft-epochs 0)")
     mean_value = sum(r["truth"] for r in records) / len(records)
     for r in everything:
         r["pred"][f"constant {mean_value:.2f} (mean V_gt)"] = mean_value
@@ -651,11 +759,17 @@ def main(argv: list[str] | None = None) -> dict:
     summary = summarize(records, ranked, names, args)
     timings["bootstrap_s"] = time.time() - phase
     print_table(summary, names, args, len(indices), len(ranked))
+    if ceiling:
+        print(f"{CEILING}: the same network as the run's critic, from its SFT model, fit to K={args.ceiling_k} MC labels of "
+              f"{sum(ceiling['states'])} states of training problems: lr {ceiling['lr']:g}, epoch {ceiling['epoch']} chosen "
+              f"on {ceiling['states'][1]} held-out states (MSE {ceiling['mse']:.4f}; their labels' mean: "
+              f"{ceiling['constant_mse']:.4f}); tried: " + ", ".join(f"{t['lr']:g} (epoch {t['epoch']}, {t['mse']:.4f})"
+                                                                     for t in ceiling["tried"]))
     figures = save_figures(records, summary, names, args)
     timings["total_s"] = time.time() - start
     results = {"args": asdict(args), "run_args": asdict(run_args), "n_states": len(records),
                "n_problems": len(indices), "n_ranking_states": len(ranked), "n_next_steps": len(children),
-               "mean_value": mean_value, "metrics": summary, "timings": timings, "figures": figures,
+               "mean_value": mean_value, "metrics": summary, "ceiling": ceiling, "timings": timings, "figures": figures,
                "states": [{key: r[key] for key in ("problem", "position", "is_prompt", "truth", "truth2", "pred")}
                           for r in records],
                "ranking": [{"problem": g["parent"]["problem"], "truth": [c["truth"] for c in g["children"]],
@@ -1359,7 +1473,8 @@ def halfway(records: list[dict], target: float) -> dict | None:
 
 def peak(records: list[dict]) -> float:
     """The best pass@1 of the run's evaluations after the start."""
-    return max(r["eval/pass@1"] for r in records if r["iteration"] > 0 and "eval/pass@1" in r)
+    return max((r["eval/pass@1"] for r in records if r["iteration"] > 0 and "eval/pass@1" in r),
+               default=records[0]["eval/pass@1"])
 
 
 def kl_curve(records: list[dict]) -> list[tuple[float, float]]:

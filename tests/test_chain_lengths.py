@@ -1,6 +1,7 @@
-"""compare_critics.py --lengths: the task settings per chain length, the halfway point and the table's
-aggregation on hand-made inputs, the skip/resume decision, and one tiny experiment run twice (the rerun
-trains nothing) on shrunken demo settings."""
+"""compare_critics.py --sweep and --lengths: the run plans, the task settings per chain length, the halfway
+point, the time to PPO's peak, pass@1 at matched KL, the train/test slope and the tables' aggregation on
+hand-made inputs, the skip/resume decision, and tiny experiments run twice (the rerun trains nothing) on
+shrunken demo settings."""
 
 import json
 import math
@@ -40,35 +41,81 @@ def test_matched_slip_rate_holds_the_share_of_wrong_solutions():
 
 
 def test_length_settings_budget_and_argv():
-    args = cc.parse_length_args([])
+    args = cc.parse_experiment_args([], lengths=True)
+    assert (args.iterations, args.eval_problems, args.eval_train_problems) == (10, 128, 0)  # --lengths' defaults
     settings = cc.length_settings(args)
     assert [s["chain_length"] for s in settings] == ["4-6", "8-10", "12-16"]
     assert [s["max_new_tokens"] for s in settings] == [80, 120, 192]  # 12 tokens an operation, at least 80
     assert [s["slip_rate"] for s in settings] == [0.3, 0.178, 0.122]  # the README's table was run with these
-    first = vineppo.parse_args(cc.sft_argv(0, settings, args))
+    sfts, planned = cc.length_plan(args)
+    first = vineppo.parse_args(sfts[0]["argv"])
     assert (first.model, first.sft_epochs, first.iterations, first.chain_length) == ("tiny", 10.4, 0, "4-6")
-    later = vineppo.parse_args(cc.sft_argv(2, settings, args))
-    assert later.model == os.path.join(args.output_dir, "sft-8-10", "final")  # continues the previous length
+    later = vineppo.parse_args(sfts[2]["argv"][2:])  # its model (the previous length's SFT) does not exist here
+    assert sfts[2]["argv"][:2] == ["--model", os.path.join(args.output_dir, "sft-8-10", "final")]
     assert (later.sft_epochs, later.chain_length, later.max_new_tokens, later.slip_rate) == (4, "12-16", 192, 0.122)
     assert (later.sft_lr, later.eval_problems) == (3e-3, 256)  # the demo's, typed since the model is not `tiny`
-    runs = [vineppo.parse_args(cc.rl_argv(2, "1", critic, settings, args)) for critic in ("mc", "value", "grpo")]
-    for run, critic in zip(runs, ("mc", "value", "grpo")):
+    assert [(r["setting"], r["critic"], r["seed"]) for r in planned[:4]] == [
+        ("4-6", "mc", "0"), ("4-6", "value", "0"), ("4-6", "grpo", "0"), ("8-10", "mc", "0")]  # seed by seed
+    mine = [r for r in planned if (r["setting"], r["seed"]) == ("12-16", "1")]
+    runs = [vineppo.parse_args(r["argv"][2:]) for r in mine]
+    for r, run, critic in zip(mine, runs, ("mc", "value", "grpo")):
         assert (run.critic, run.seed, run.sft_epochs, run.iterations, run.eval_problems) == (critic, 1, 0, 10, 128)
-        assert run.model == os.path.join(args.output_dir, "sft-12-16", "final")
-        assert run.output_dir == os.path.join(args.output_dir, "12-16", f"{critic}-seed1")
+        assert r["argv"][:2] == ["--model", os.path.join(args.output_dir, "sft-12-16", "final")]
+        assert run.output_dir == r["dir"] == os.path.join(args.output_dir, "12-16", f"{critic}-seed1")
+        assert (run.chain_length, run.max_new_tokens, run.eval_train_problems) == ("12-16", 192, 0)
     same = [{k: v for k, v in vars(r).items() if k not in ("critic", "output_dir")} for r in runs]
     assert same[0] == same[1] == same[2]  # only the critic differs between methods
     assert (runs[0].lr, runs[0].mc_rollouts, runs[0].value_lr, runs[0].critic_warmup) == (5e-5, 4, 2e-3, 8)
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--chain-lengths", "4-6,x"], "--chain-lengths"), (["--sft-epochs=-1,4"], "--sft-epochs"),
-    (["--sft-epochs=-1,-1,4"], "--sft-epochs"), (["--critics", "mc,ppo"], "--critics"),
-    (["--seeds", "0,a"], "--seeds"), (["--iterations", "0"], "--iterations")])
-def test_bad_flags_are_one_line_errors(flags, message, capsys):
+def test_sweep_plan_one_sft_per_seed_demo_setting_shared_task_flags_reach_the_sft():
+    args = cc.parse_experiment_args(["--sweep", "mc-rollouts=1,4,9", "--seeds", "3,5", "--critics", "mc"], lengths=False)
+    assert (args.iterations, args.eval_every, args.eval_problems, args.eval_train_problems) == (14, 2, 256, 256)
+    sfts, planned = cc.sweep_plan(args)
+    assert [s["dir"] for s in sfts] == [os.path.join("runs/claims", f"sft-seed{s}") for s in (3, 5)]
+    sft = vineppo.parse_args(sfts[1]["argv"])  # the demo's SFT: `vineppo.py --seed 5 --iterations 0`
+    assert (sft.model, sft.seed, sft.iterations, sft.sft_epochs, sft.mc_rollouts) == ("tiny", 5, 0, 10.4, 4)
+    assert [r["dir"] for r in planned] == [os.path.join("runs/claims", s, f"mc-seed{seed}") for seed in (3, 5)
+                                           for s in ("mc-rollouts=1", "demo", "mc-rollouts=9")]  # 4 is the demo's
+    runs = [vineppo.parse_args(r["argv"][2:]) for r in planned]
+    assert [r.mc_rollouts for r in runs] == [1, 4, 9] * 2 and {r.seed for r in runs[3:]} == {5}
+    assert all(r["argv"][:2] == ["--model", os.path.join("runs/claims", f"sft-seed{r['seed']}", "final")]
+               for r in planned)
+    assert (runs[0].iterations, runs[0].eval_every, runs[0].save_every, runs[0].eval_train_problems) == (14, 2, 2, 256)
+    assert (runs[0].lr, runs[0].temperature, runs[0].value_lr, runs[0].critic_warmup) == (5e-5, 0.6, 2e-3, 8)
+
+    args = cc.parse_experiment_args(["--sweep", "slip-rate=0.3,0.1", "--seeds", "0", "--critics", "mc,grpo"], False)
+    sfts, planned = cc.sweep_plan(args)  # a task flag: the SFT model learns the task with the setting's value
+    assert [s["dir"] for s in sfts] == ["runs/claims/sft-seed0", "runs/claims/slip-rate=0.1/sft-seed0"]
+    assert vineppo.parse_args(sfts[1]["argv"]).slip_rate == 0.1
+    assert [vineppo.parse_args(r["argv"][2:]).slip_rate for r in planned] == [0.3, 0.3, 0.1, 0.1]
+    assert planned[2]["argv"][1] == "runs/claims/slip-rate=0.1/sft-seed0/final"
+    args = cc.parse_experiment_args(["--sweep", "sft-lr=0.003,0.001", "--seeds", "0", "--critics", "mc"], False)
+    sfts, planned = cc.sweep_plan(args)  # an SFT flag: the SFT model alone
+    assert vineppo.parse_args(sfts[1]["argv"]).sft_lr == 0.001 and planned[1]["argv"][1].startswith("runs/claims/sft-lr=")
+    assert vineppo.parse_args(planned[1]["argv"][2:]).sft_epochs == 0
+
+
+@pytest.mark.parametrize("lengths, flags, message", [
+    (True, ["--chain-lengths", "4-6,x"], "--chain-lengths"), (True, ["--sft-epochs=-1,4"], "--sft-epochs"),
+    (True, ["--sft-epochs=-1,-1,4"], "--sft-epochs"), (True, ["--critics", "mc,ppo"], "--critics"),
+    (True, ["--seeds", "0,a"], "--seeds"), (True, ["--iterations", "0"], "--iterations"),
+    (True, ["--sweep", "lr=1,2"], "not --sweep"), (False, [], "--sweep is required"),
+    (False, ["--sweep", "temperature"], "FLAG=V1,V2"), (False, ["--sweep", "no-such-flag=1,2"], "FLAG=V1,V2"),
+    (False, ["--sweep", "gradient-checkpointing=0,1"], "takes a value"), (False, ["--sweep", "critic=mc,grpo"], "sets it"),
+    (False, ["--sweep", "mc-rollouts=1,x"], "int values"), (False, ["--sweep", "lr=1e-4,0.0001"], "repeated"),
+    (False, ["--sweep", "lr=1e-4", "--chain-lengths", "4-6"], "belongs to --lengths"),
+    (False, ["--sweep", "lr=1e-4", "--eval-train-problems=-1"], "cannot be negative")])
+def test_bad_flags_are_one_line_errors(lengths, flags, message, capsys):
     with pytest.raises(SystemExit) as stop:
-        cc.parse_length_args(flags)
+        cc.parse_experiment_args(flags, lengths)
     assert message in str(stop.value) and "\n" not in str(stop.value)
+
+
+def test_a_bad_value_for_a_run_stops_the_sweep_before_anything_is_trained(tmp_path):
+    with pytest.raises(SystemExit) as stop:
+        cc.main(["--sweep", "temperature=0.6,-1", "--output-dir", str(tmp_path / "out")])
+    assert "--temperature must be positive" in str(stop.value) and not (tmp_path / "out").exists()
 
 
 # ============================================================================================
@@ -103,8 +150,8 @@ def test_halfway_threshold_is_inclusive_and_uses_the_runs_own_start():
     assert cc.halfway(records({0: 0.6, 1: 0.65, 2: 0.7}), 0.8)["iteration"] == 2  # from 0.6: needs 0.7
 
 
-def run(length, critic, seed, before, after, ev=None, curve=None):
-    return {"chain_length": length, "critic": critic, "seed": seed, "before": before, "after": after,
+def run(setting, critic, seed, before, after, ev=None, curve=None):
+    return {"setting": setting, "critic": critic, "seed": seed, "before": before, "after": after,
             "credit_ev": ev, "tokens": 1000.0, "records": records(curve or {0: before, 2: after})}
 
 
@@ -112,7 +159,7 @@ def test_aggregate_means_paired_leads_and_halfway_by_hand():
     runs = [run("4-6", "mc", "0", 0.5, 0.8, ev=0.6), run("4-6", "grpo", "0", 0.5, 0.7),
             run("4-6", "mc", "1", 0.4, 0.6, ev=0.4, curve={0: 0.4, 1: 0.45, 2: 0.6}), run("4-6", "grpo", "1", 0.4, 0.7),
             run("8-10", "mc", "0", 0.3, 0.5, ev=0.5), run("8-10", "grpo", "0", 0.3, 0.35)]
-    rows = {(r["chain_length"], r["critic"]): r for r in cc.aggregate(runs, ["mc", "grpo"])}
+    rows = {(r["setting"], r["critic"]): r for r in cc.aggregate(runs, ["mc", "grpo"])}
     assert list(rows) == [("4-6", "mc"), ("4-6", "grpo"), ("8-10", "mc"), ("8-10", "grpo")]
     mc = rows[("4-6", "mc")]
     assert mc["gain"][0] == pytest.approx(0.25) and mc["gain"][1] == pytest.approx(math.sqrt(2 * 0.05 ** 2))
@@ -169,6 +216,73 @@ def test_aggregate_skips_a_critic_with_no_finished_run():
     assert [r["critic"] for r in rows] == ["grpo"] and rows[0]["lead"] is None  # no mc run to pair with
 
 
+def with_keys(records_, key, values):
+    """Add {iteration: value} under `key` to hand-made records."""
+    for r in records_:
+        if r["iteration"] in values:
+            r[key] = values[r["iteration"]]
+    return records_
+
+
+def test_time_to_reach_and_peak():
+    curve = records({0: 0.5, 2: 0.6, 4: 0.8, 6: 0.7}, warmup_s=5.0)
+    assert cc.peak(curve) == 0.8 and cc.peak(records({0: 0.9, 2: 0.6})) == 0.6  # after the start only
+    assert cc.time_to_reach(curve, 0.8) == {"iteration": 4, "seconds": 45.0, "tokens": 400}
+    assert cc.time_to_reach(curve, 0.6)["iteration"] == 2 and cc.time_to_reach(curve, 0.81) is None
+    assert cc.time_to_reach(records({0: 0.9, 2: 0.6}), 0.8) is None  # the start does not count
+
+
+def test_pass_at_kl_is_the_best_pass_at_1_within_the_budget():
+    curve = with_keys(records({0: 0.5, 2: 0.7, 4: 0.6, 6: 0.9}), "losses/kl", {1: 9.0, 2: 0.1, 4: 0.05, 6: 0.3})
+    assert cc.kl_curve(curve) == [(0.0, 0.5), (0.1, 0.7), (0.05, 0.6), (0.3, 0.9)]  # iteration 1: not evaluated
+    assert cc.pass_at_kl(curve, 0.0) == 0.5 and cc.pass_at_kl(curve, 0.06) == 0.6
+    assert cc.pass_at_kl(curve, 0.1) == 0.7 and cc.pass_at_kl(curve, 1.0) == 0.9
+
+
+def test_train_test_slope_is_least_squares():
+    curve = with_keys(records({0: 0.5, 2: 0.6, 4: 0.8}), "eval/train_pass@1", {0: 0.4, 2: 0.6, 4: 0.8})
+    assert cc.train_test_slope(curve) == pytest.approx(0.75)  # test = 0.2 + 0.75 train, least squares by hand
+    assert cc.train_test_slope(records({0: 0.5, 2: 0.6})) is None  # no train evaluation
+    flat = with_keys(records({0: 0.5, 2: 0.6}), "eval/train_pass@1", {0: 0.4, 2: 0.4})
+    assert cc.train_test_slope(flat) is None
+
+
+def test_aggregate_claims_by_hand():
+    """Seed 0: PPO peaks at 0.8 at iteration 6 (60 s + its warm-up 20 s); mc reaches 0.8 at iteration 2, grpo never.
+    Seed 1: PPO peaks at 0.7 at iteration 2; mc reaches it at 4. The KL budget of a seed is the smallest of its
+    methods' largest KLs."""
+    def claim_run(critic, seed, curve, kl, train, warmup_s=None):
+        r = run("demo", critic, seed, curve[0], curve[max(curve)], curve=curve)
+        r["records"] = with_keys(with_keys(records(curve, warmup_s=warmup_s), "losses/kl", kl), "eval/train_pass@1", train)
+        return r
+    runs = [claim_run("mc", "0", {0: 0.5, 2: 0.8, 4: 0.85, 6: 0.9}, {2: 0.1, 4: 0.2, 6: 0.4}, {0: 0.5, 2: 0.7, 4: 0.8, 6: 0.9}),
+            claim_run("value", "0", {0: 0.5, 2: 0.6, 4: 0.7, 6: 0.8}, {2: 0.05, 4: 0.1, 6: 0.3}, {0: 0.5, 2: 0.6, 4: 0.7, 6: 0.8},
+                      warmup_s=20.0),
+            claim_run("grpo", "0", {0: 0.5, 2: 0.6, 4: 0.65, 6: 0.7}, {2: 0.1, 4: 0.2, 6: 0.5}, {0: 0.5, 2: 0.6}),
+            claim_run("mc", "1", {0: 0.4, 2: 0.6, 4: 0.7, 6: 0.7}, {2: 0.1, 4: 0.2, 6: 0.3}, {0: 0.5, 2: 0.6, 4: 0.7, 6: 0.7}),
+            claim_run("value", "1", {0: 0.4, 2: 0.7, 4: 0.6, 6: 0.6}, {2: 0.2, 4: 0.4, 6: 0.6}, {0: 0.5, 2: 0.6, 4: 0.7, 6: 0.8})]
+    rows = {r["critic"]: r for r in cc.aggregate(runs, ["mc", "value", "grpo"])}
+    mc, value, grpo = rows["mc"], rows["value"], rows["grpo"]
+    assert mc["to_ppo_peak"]["iteration"] == pytest.approx((3.0, math.sqrt(2.0))) and mc["to_ppo_peak_reached"] == (2, 2)
+    assert mc["to_ppo_peak"]["seconds"][0] == pytest.approx(30.0)  # 20 and 40 s; mc has no warm-up
+    assert value["to_ppo_peak"]["iteration"] == pytest.approx((4.0, math.sqrt(8.0)))  # its own peak: 6 and 2
+    assert value["to_ppo_peak"]["seconds"][0] == pytest.approx((80.0 + 20.0) / 2)  # seed 0's warm-up counts
+    assert mc["ppo_over_it"] == pytest.approx({"iteration": 8 / 6, "seconds": 100 / 60})
+    assert value["ppo_over_it"] == pytest.approx({"iteration": 1.0, "seconds": 1.0})
+    assert grpo["to_ppo_peak"] is None and grpo["to_ppo_peak_reached"] == (0, 1) and grpo["ppo_over_it"] is None
+    # KL budgets: seed 0 min(0.4, 0.3, 0.5) = 0.3, seed 1 min(0.3, 0.6) = 0.3
+    assert mc["kl_budget"] == pytest.approx((0.3, 0.0))
+    assert mc["at_matched_kl"] == pytest.approx((0.775, math.sqrt(2 * 0.075 ** 2)))  # 0.85 (kl 0.2), 0.7 (0.3)
+    assert value["at_matched_kl"] == pytest.approx((0.75, math.sqrt(2 * 0.05 ** 2)))  # 0.8 (0.3), 0.7 (0.2)
+    assert value["at_matched_kl_minus"] == pytest.approx((0.025, math.sqrt(2 * 0.025 ** 2)))  # +0.05, 0.0
+    assert grpo["at_matched_kl"] == pytest.approx((0.65, 0.0)) and mc["at_matched_kl_minus"] is None
+    assert mc["slope"][0] == pytest.approx((cc.train_test_slope(runs[0]["records"]) + cc.train_test_slope(runs[3]["records"])) / 2)
+    assert value["slope_minus"][0] == pytest.approx(
+        (cc.train_test_slope(runs[0]["records"]) - cc.train_test_slope(runs[1]["records"])
+         + cc.train_test_slope(runs[3]["records"]) - cc.train_test_slope(runs[4]["records"])) / 2)
+    assert grpo["slope"] == pytest.approx((1.0, 0.0))  # two train evaluations: 0.5 -> 0.6 against 0.5 -> 0.6
+
+
 def test_mean_std_is_the_sample_std():
     assert cc.mean_std([1.0, 3.0]) == (2.0, math.sqrt(2.0))
     assert cc.mean_std([0.25]) == (0.25, 0.0)
@@ -208,27 +322,23 @@ def test_report_leaves_out_runs_made_with_other_settings(tmp_path, monkeypatch, 
     monkeypatch.setattr(cc, "MATCHED_SHARE_OF", ("2", 0.3))
     flags = ["--chain-lengths", "2", "--sft-epochs=-1", "--seeds", "0,1", "--critics", "mc,grpo",
              "--iterations", "2", "--eval-every", "1", "--output-dir", str(tmp_path)]
-    args = cc.parse_length_args(flags)
-    settings = cc.length_settings(args)
-    finish_by_hand(cc.sft_argv(0, settings, args), cc.sft_dir(args, 0), {0: 0.3})
-    for seed in ("0", "1"):
-        for critic in ("mc", "grpo"):
-            other = ["--iterations", "3"] if (critic, seed) == ("grpo", "1") else []  # not the experiment's 2
-            finish_by_hand(cc.rl_argv(0, seed, critic, settings, args) + other, cc.rl_dir(args, "2", critic, seed),
-                           {0: 0.3, 1: 0.4, 2: 0.5})
-    left = cc.rl_dir(args, "2", "grpo", "1")
+    sfts, planned = cc.length_plan(cc.parse_experiment_args(flags, lengths=True))
+    finish_by_hand(sfts[0]["argv"], sfts[0]["dir"], {0: 0.3})
+    for r in planned:
+        other = ["--iterations", "3"] if (r["critic"], r["seed"]) == ("grpo", "1") else []  # not the experiment's 2
+        finish_by_hand(r["argv"] + other, r["dir"], {0: 0.3, 1: 0.4, 2: 0.5})
+    left = planned[-1]["dir"]  # grpo, seed 1
 
     out = cc.main(["--lengths", "--report"] + flags)
     printed = capsys.readouterr().out
     assert f"{left}: left out, made with other settings (iterations)" in printed
-    assert sorted(r["run"] for r in out["runs"]) == sorted(cc.rl_dir(args, "2", c, s) for c, s in
-                                                           [("mc", "0"), ("mc", "1"), ("grpo", "0")])
+    assert sorted(r["run"] for r in out["runs"]) == sorted(r["dir"] for r in planned[:3])
     assert [r["seeds"] for r in out["rows"]] == [["0", "1"], ["0"]]
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["args"]["iterations"] == 2 and len(saved["runs"]) == 3 and saved["left_out"] == {left: ["iterations"]}
 
     out = cc.main(["--lengths", "--report"] + flags + ["--sft-epochs=0.5"])  # the SFT model had the demo's
-    assert f"{cc.sft_dir(args, 0)}: left out, made with other settings (sft_epochs)" in capsys.readouterr().out
+    assert f"{sfts[0]['dir']}: left out, made with other settings (sft_epochs)" in capsys.readouterr().out
     assert out["sft_pass@1"] == {} and len(out["runs"]) == 3
 
     report = (tmp_path / "results.json").read_bytes()

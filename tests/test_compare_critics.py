@@ -253,6 +253,8 @@ def test_value_network_predictions_match_the_values_ppo_trains(tok):
 @pytest.mark.parametrize("flags, message", [
     (["--mc-k", "0,3"], "--mc-k"), (["--min-alternatives", "1"], "--min-alternatives"),
     (["--k-gt", "0"], "--k-gt"), (["--run", "/nonexistent/run"], "final/value"),
+    (["--ceiling-lrs", "1e-3,x"], "--ceiling-lrs"), (["--ceiling-lrs", "0"], "--ceiling-lrs"),
+    (["--ceiling-problems", "1"], "--ceiling-problems"), (["--ceiling-k", "0"], "--ceiling-k"),
 ])
 def test_bad_flags_are_one_line_errors(flags, message):
     with pytest.raises(SystemExit) as error:
@@ -260,9 +262,38 @@ def test_bad_flags_are_one_line_errors(flags, message):
     assert str(error.value).startswith("error: ") and message in str(error.value) and "\n" not in str(error.value)
 
 
-def test_the_training_command_is_a_value_critic_run():
-    args = vineppo.parse_args(cc.TRAIN_ARGV + ["--output-dir", "unused"])
-    assert args.critic == "value" and args.model == "tiny"
+def test_the_training_commands_are_the_demos_sft_then_its_value_critic_run(tmp_path):
+    """Without --run: the demo's SFT model, saved, then the demo's `--critic value` run from it (which repeats
+    `vineppo.py --critic value`), evaluated on 128 problems."""
+    (tmp_path / "final").mkdir()
+    sft = vineppo.parse_args(cc.SFT_ARGV + ["--output-dir", "unused"])
+    rl = vineppo.parse_args(cc.train_argv(str(tmp_path)) + ["--output-dir", "unused"])
+    demo = vineppo.parse_args(["--critic", "value", "--eval-problems", "128", "--output-dir", "unused"])
+    assert (sft.model, sft.iterations, sft.sft_epochs) == ("tiny", 0, demo.sft_epochs)
+    assert rl.model == str(tmp_path / "final") and rl.sft_epochs == 0
+    differ = {k for k in vars(demo) if getattr(rl, k) != getattr(demo, k)}
+    assert differ == {"model", "sft_epochs"}
+
+
+def test_fit_ceiling_learns_what_the_labels_say_and_keeps_the_best_lr(tok):
+    """Labels a function of the state's last token: fit at a useful lr, the network predicts held-out problems'
+    states far better than the labels' mean does; at lr 1e-9 it cannot, and that lr is not chosen."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        sft = vineppo.build_tiny_model(tok, seed=0).eval()
+    rng = random.Random(0)
+    digits = [tok.convert_tokens_to_ids(str(d)) for d in range(10)]
+    records = []
+    for problem in range(40):
+        for _ in range(10):
+            state = tuple(rng.choice(digits) for _ in range(rng.randint(2, 4)))
+            records.append({"state": state, "problem": problem, "label": float(state[-1] in digits[:5])})
+    network, chosen = cc.fit_ceiling(sft, records, tok.pad_token_id, cc.Args(ceiling_lrs="1e-9,3e-3", ceiling_epochs=20))
+    assert chosen["lr"] == 3e-3 and chosen["states"] == [32 * 10, 8 * 10]
+    assert [t["lr"] for t in chosen["tried"]] == [1e-9, 3e-3] and chosen["tried"][0]["mse"] > chosen["constant_mse"]
+    assert chosen["mse"] < 0.3 * chosen["constant_mse"]  # measured: 0.025 against 0.25
+    predicted = cc.value_network_predictions(network, [r["state"] for r in records], tok.pad_token_id, 64)
+    assert sum((p - r["label"]) ** 2 for p, r in zip(predicted, records)) / len(records) < 0.3 * 0.25
 
 
 def test_tiny_end_to_end_run(tmp_path, monkeypatch, tok):
@@ -274,18 +305,22 @@ def test_tiny_end_to_end_run(tmp_path, monkeypatch, tok):
         policy = vineppo.build_tiny_model(tok, seed=0).eval()
         value_model = vineppo.ValueNetwork.from_policy(policy).eval()
     run_args = vineppo.Args(task="arith", max_new_tokens=9, train_problems=8, test_problems=4,
-                            output_dir=str(tmp_path / "run"))
+                            output_dir=str(tmp_path / "run"), model=str(tmp_path / "sft"))
     vineppo.save_final(policy, tok, value_model, run_args)
+    policy.save_pretrained(tmp_path / "sft")  # the run's SFT model, which the critic's ceiling starts from
     monkeypatch.setattr(vineppo, "reward_of", lambda task, text, ended, answer: float(sum(map(ord, text)) % 2))
     monkeypatch.setattr(vineppo, "split_response", lambda task, text: [text[i:i + 3] for i in range(0, len(text), 3)] or [text])
     out = tmp_path / "analysis"
     flags = ["--run", str(tmp_path / "run"), "--output-dir", str(out), "--problems", "2", "--samples-per-problem",
              "2", "--k-gt", "16", "--mc-k", "1,3", "--alternatives", "3", "--min-alternatives", "2",
-             "--bootstrap", "30", "--device", "cpu"]
+             "--bootstrap", "30", "--device", "cpu", "--ceiling-problems", "3", "--ceiling-k", "2",
+             "--ceiling-lrs", "1e-3,1e-2", "--ceiling-epochs", "1"]
     results = cc.main(flags)
     saved = json.loads((out / "results.json").read_text())
     assert saved["n_states"] == results["n_states"] >= 3 and saved["n_ranking_states"] >= 1
-    names = ["MC K=1", "MC K=3", "value network", "noise ceiling (2nd V_gt)"]
+    names = ["MC K=1", "MC K=3", "value network", cc.CEILING, "noise ceiling (2nd V_gt)"]
+    assert saved["ceiling"]["lr"] in (1e-3, 1e-2) and [t["lr"] for t in saved["ceiling"]["tried"]] == [1e-3, 1e-2]
+    assert saved["ceiling"]["states"][1] >= 1 and saved["ceiling"]["states"][0] >= 1
     for state in saved["states"]:
         assert 0 <= state["truth"] <= 1 and (state["truth"] * 16).is_integer()
         assert set(names) <= set(state["pred"]) and (state["pred"]["MC K=3"] * 3).is_integer()
