@@ -388,25 +388,25 @@ def test_experiment_end_to_end_skips_finished_runs_and_resumes(tmp_path, monkeyp
 
 
 def test_sweep_end_to_end_shares_the_demo_runs_and_reports_the_claims(tmp_path, monkeypatch, capsys):
-    """--sweep over a flag: one SFT model per seed, the value equal to the demo's runs in demo/ (a second sweep
-    that includes it trains nothing there), train pass@1 logged at every evaluation, the claims table printed."""
+    """--sweep over a flag: one SFT model per seed, the value equal to the demo's runs in demo/ (which another
+    sweep's report finds), train pass@1 logged at every evaluation, the claims table and figures written."""
     monkeypatch.setattr(vineppo, "TINY_DEMO_OVERRIDES", SMALL)
-    flags = ["--seeds", "0", "--critics", "mc,value", "--iterations", "2", "--eval-every", "1", "--eval-problems", "4",
+    flags = ["--seeds", "0", "--iterations", "2", "--eval-every", "1", "--eval-problems", "4",
              "--eval-train-problems", "4", "--output-dir", str(tmp_path)]
-    first = cc.main(["--sweep", "temperature=0.6,1.0"] + flags)
+    first = cc.main(["--sweep", "temperature=0.6,1.0", "--critics", "grpo,value"] + flags)
     assert sorted(r["run"] for r in first["runs"]) == sorted(
-        str(tmp_path / s / f"{c}-seed0") for s in ("demo", "temperature=1.0") for c in ("mc", "value"))
+        str(tmp_path / s / f"{c}-seed0") for s in ("demo", "temperature=1.0") for c in ("grpo", "value"))
     assert [r["setting"] for r in first["rows"]] == ["demo", "demo", "temperature=1.0", "temperature=1.0"]
     for r in first["runs"]:
         assert all("eval/train_pass@1" in rec for rec in vineppo.read_metrics(r["run"]))
-    hot = vineppo.parse_args(["--model", "tiny"] + cc.sweep_plan(cc.parse_experiment_args(
-        ["--sweep", "temperature=0.6,1.0"] + flags, False))[1][2]["argv"][4:])
-    assert hot.temperature == 1.0 and hot.eval_train_problems == 4
-    assert os.path.isfile(tmp_path / "results-temperature.json") and os.path.isfile(tmp_path / "curves-temperature.png")
+        assert vineppo.read_metrics(r["run"])[0]["eval/pass@1"] == first["sft_pass@1"]["seed0"]  # one SFT model
+    assert json.loads((tmp_path / "temperature=1.0" / "grpo-seed0" / "final" / "args.json").read_text())["temperature"] == 1
+    assert all(first["rows"][i]["to_ppo_peak_reached"][1] == 1 for i in range(4))  # each has its seed's PPO run
+    for name in ("results-temperature.json", "gains-temperature.png", "curves-temperature.png"):
+        assert os.path.isfile(tmp_path / name)
     printed = capsys.readouterr().out
     assert "to PPO peak" in printed and "test/train slope" in printed
 
-    second = cc.main(["--sweep", "mc-rollouts=1,2", "--critics", "mc"] + flags[4:])  # 2 = SMALL's: the demo's
-    printed = capsys.readouterr().out
-    assert printed.count("finished, skipped") == 2 and "mc-rollouts=1/mc-seed0: starting" in printed
-    assert [r["setting"] for r in second["rows"]] == ["mc-rollouts=1", "demo"]
+    other = cc.main(["--sweep", "kl-coef=0.0001,0.001", "--critics", "grpo", "--report"] + flags)  # 1e-4: the demo's
+    assert [r["run"] for r in other["runs"]] == [str(tmp_path / "demo" / "grpo-seed0")]  # trained by the first
+    assert not (tmp_path / "kl-coef=0.001").exists()  # --report trains nothing
