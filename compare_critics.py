@@ -82,6 +82,8 @@ pass@1 at a KL to the reference every method reached, and the slope of test agai
 of the README, each one command (settings fixed before their first run):
     python compare_critics.py --sweep temperature=0.6,1.0                  # mc, value, grpo; 3 seeds
     python compare_critics.py --sweep mc-rollouts=1,3,4,9 --critics mc     # the K ablation
+    python compare_critics.py --run runs/claims/demo/value-seed0 --alternatives 8 --alternatives-temperature 1.0 \
+        --min-alternatives 2 --output-dir runs/claims/value-prediction-seed0    # the critic's ceiling, beside it
 `--lengths` is the sweep over the built-in task's chain length (4-6, 8-10, 12-16 operations) with an SFT model
 per length (the demo's for 4-6; each longer one continues the previous one's) and 10 iterations, 128 problems:
 the paper's lead over PPO is larger on MATH (longer solutions) than on GSM8K, since with more decisions per
