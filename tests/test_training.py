@@ -103,23 +103,23 @@ def test_command_line_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "pass@1 before RL" in proc.stdout and "after RL" in proc.stdout
     assert (tmp_path / "out" / "final" / "model.safetensors").exists()
-    # a second run into the same directory is refused, and the first run's files stay
-    again = run_cli(*flags, "--iterations", "1", "--output-dir", "out", cwd=tmp_path)
-    assert again.returncode != 0 and "--overwrite" in again.stderr
-    assert (tmp_path / "out" / "final" / "model.safetensors").exists()
+    # a second run into the same directory is refused (the same SystemExit, in this process), the first run's files stay
+    before = (tmp_path / "out" / "final" / "model.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match="--overwrite"):
+        vineppo.main(flags + ["--iterations", "1", "--output-dir", str(tmp_path / "out")])
+    assert (tmp_path / "out" / "final" / "model.safetensors").read_bytes() == before
 
 
-def test_command_line_loads_a_saved_model_in_fp32(tmp_path):
-    """`python vineppo.py --model DIR` on a model saved in bf16: it loads through `from_pretrained` under this
+def test_a_saved_model_loads_in_fp32(tmp_path):
+    """`vineppo.py --model DIR` on a model saved in bf16: it loads through `from_pretrained` under this
     transformers version's name for the dtype keyword (`dtype=` is a TypeError on 4.51; none loads bf16 on 5.x),
     runs, and keeps fp32 master weights: the final checkpoint is the saved weights, upcast exactly."""
     from safetensors.torch import load_file
     tokenizer = vineppo.build_tiny_tokenizer()
     vineppo.build_tiny_model(tokenizer, seed=0).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
     tokenizer.save_pretrained(tmp_path / "bf16")
-    proc = run_cli("--model", str(tmp_path / "bf16"), "--task", "arith", *TINY_RUN, "--iterations", "0",
-                   "--output-dir", "out", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    vineppo.main(["--model", str(tmp_path / "bf16"), "--task", "arith", *TINY_RUN, "--iterations", "0",
+                  "--output-dir", str(tmp_path / "out")])
     saved = load_file(tmp_path / "bf16" / "model.safetensors")
     final = load_file(tmp_path / "out" / "final" / "model.safetensors")
     assert saved.keys() == final.keys() and all(t.dtype == torch.float32 for t in final.values())
@@ -133,20 +133,29 @@ def test_command_line_loads_a_saved_model_in_fp32(tmp_path):
     (["--minibatch-size", "1000"], "larger than the batch"),
     (["--task", "chess"], "--task must be one of arith"),
 ])
-def test_bad_arguments_get_one_line_errors(flags, message, tmp_path):
-    proc = run_cli(*flags, cwd=tmp_path)
-    assert proc.returncode != 0
-    assert message in proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_bad_arguments_get_one_line_errors(flags, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        vineppo.main(flags)
+    assert message in str(stop.value) and "\n" not in str(stop.value)
     assert not (tmp_path / "runs").exists(), "a refused run must leave nothing behind"
 
 
-def test_help_lists_the_contract_flags(tmp_path):
-    proc = run_cli("--help", cwd=tmp_path)
-    assert proc.returncode == 0
+def test_a_bad_argument_on_the_command_line_exits_non_zero_with_one_line(tmp_path):
+    """The script as a user runs it (the other refusals are tested in this process: the same SystemExit)."""
+    proc = run_cli("--mc-rollouts", "0", cwd=tmp_path)
+    assert proc.returncode == 1 and proc.stderr.strip() == "error: --mc-rollouts must be at least 1, got 0"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_help_lists_the_contract_flags(capsys):
+    with pytest.raises(SystemExit) as stop:
+        vineppo.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert stop.value.code == 0
     for flag in ["--model", "--task", "--critic", "--mc-rollouts", "--iterations", "--seed", "--output-dir", "--device"]:
-        assert flag in proc.stdout
-    assert "paper: 9" in proc.stdout  # field docstrings become the help text
+        assert flag in out
+    assert "paper: 9" in out  # field docstrings become the help text
 
 
 def test_demo_overrides_apply_only_to_the_tiny_model():
