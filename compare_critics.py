@@ -1221,7 +1221,7 @@ class ExperimentArgs:
 # `--lengths` is the sweep over chain lengths with an SFT model per length (`length_plan`) and these defaults.
 LENGTHS = dict(iterations=10, eval_problems=128, eval_train_problems=0, output_dir="runs/chain-lengths")
 NOT_SWEPT = ("critic", "seed", "output_dir", "model", "task", "resume", "overwrite", "device", "dataset_path")
-TASK_FLAGS = ("chain_length", "slip_kinds", "slip_rate", "train_problems", "test_problems")  # SFT and RL see them
+TASK_FLAGS = ("chain_length", "slip_kinds", "slip_rate", "step_forms", "train_problems", "test_problems")  # SFT and RL see them
 SFT_FLAGS = ("sft_epochs", "sft_lr", "sft_batch_size")  # the SFT model's alone
 
 

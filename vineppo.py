@@ -779,6 +779,9 @@ class Args(MethodArgs):
     """built-in task: the SFT tutor's slips (any of mul: 7*2=9, carry: 18+5=13, borrow: 13-5=12; '' = none)"""
     slip_rate: float = 0.3
     """built-in task: how often the tutor slips at a step that invites one of its slip kinds"""
+    step_forms: int = 1
+    """built-in task: the tutor writes each step in one of this many equivalent forms, drawn at random per step
+    (harmless choices, which decide nothing): 1 = always 13-5=8; up to 4: 13 - 5 = 8, 8=13-5, 13 minus 5 is 8"""
 
 
 # The embedded demo (`--model tiny`, the default) trains a 0.8M-parameter model from scratch on a CPU in
@@ -894,6 +897,8 @@ def check_args(args: Args) -> None:
         problems.append(f"--slip-kinds takes a comma-separated subset of {','.join(SLIP_KINDS)}; got {args.slip_kinds!r}")
     if not 0 <= args.slip_rate <= 1:
         problems.append(f"--slip-rate must be in [0, 1], got {args.slip_rate}")
+    if not 1 <= args.step_forms <= len(STEP_FORMS):
+        problems.append(f"--step-forms must be 1 to {len(STEP_FORMS)}, got {args.step_forms}")
     if args.validation_size < -1:
         problems.append(f"--validation-size must be -1 (paper default) or at least 0, got {args.validation_size}")
     if min(args.iterations, args.show_credit, args.critic_warmup) < 0 or args.max_states_per_response < -1:
@@ -976,10 +981,16 @@ def slipped_result(value: int, sign: str, operand: int) -> int:
     return value - value % 10 + abs(value % 10 - operand)
 
 
-def solve_chain(start: int, ops: list[tuple[str, int]], slips=None) -> tuple[str, int]:
+# The equivalent ways to write a step (`--step-forms`): the first is the task's; the others say the same.
+WORDS = {"+": "plus", "-": "minus", "*": "times"}
+STEP_FORMS = ["{a}{sign}{b}={c}", "{a} {sign} {b} = {c}", "{c}={a}{sign}{b}", "{a} {word} {b} is {c}"]
+
+
+def solve_chain(start: int, ops: list[tuple[str, int]], slips=None, form=None) -> tuple[str, int]:
     """Write the solution of a chain, one step per line, then '#### answer'. `slips(kind)`, asked at each
     step that invites a slip (`slip_kind`, on the value written so far), says whether the writer slips
-    there (`slipped_result`); the wrong value is carried on.
+    there (`slipped_result`); the wrong value is carried on. `form()`, asked at each step, picks its
+    `STEP_FORMS` entry (none: the first).
 
     >>> solve_chain(3, [("+", 4), ("*", 2)])
     ('3+4=7\\n7*2=14\\n#### 14', 14)
@@ -993,7 +1004,7 @@ def solve_chain(start: int, ops: list[tuple[str, int]], slips=None) -> tuple[str
             result = slipped_result(value, sign, operand)
         else:
             result = OPERATIONS[sign](value, operand)
-        lines.append(f"{value}{sign}{operand}={result}")
+        lines.append(STEP_FORMS[form() if form else 0].format(a=value, sign=sign, b=operand, c=result, word=WORDS[sign]))
         value = result
     return "\n".join(lines) + f"\n#### {value}", value
 
@@ -1038,16 +1049,17 @@ def tutor_slips(tutor: random.Random, kinds: set[str], rate: float, kind: str) -
 
 
 def make_arith_task(seed: int, n_train: int, n_test: int, slip_rate: float, chain_length: str = "4-6",
-                    slip_kinds: str = "mul,carry,borrow") -> tuple[list[dict], list[dict]]:
+                    slip_kinds: str = "mul,carry,borrow", step_forms: int = 1) -> tuple[list[dict], list[dict]]:
     """Deterministic train and test sets that never share a problem (a hash of the text picks the side).
 
     The training solutions were written by a sloppy tutor: at each step that invites one of `slip_kinds`
     (`slip_kind`), with probability `slip_rate`, the tutor slips (`slipped_result`) and carries the error
     to a wrong final answer. SFT copies those habits; the reward (the TRUE answer, always) punishes them;
     and the blame belongs to one step of an otherwise right chain: the step credit assignment has to
-    find. Test solutions are right.
+    find. Test solutions are right. With `step_forms` > 1 the tutor writes each training step in one of that
+    many `STEP_FORMS`, drawn from a stream of its own (so the problems and slips are those of step_forms 1).
     """
-    rng, tutor = random.Random(seed), random.Random(seed + 1)
+    rng, tutor, writer = random.Random(seed), random.Random(seed + 1), random.Random(seed + 2)
     low, high = parse_chain_length(chain_length)
     kinds = set(slip_kinds.split(",")) - {""}
     train, test, seen = [], [], set()
@@ -1061,7 +1073,8 @@ def make_arith_task(seed: int, n_train: int, n_test: int, slip_rate: float, chai
         side = test if zlib.crc32(item["problem"].encode()) % 8 == 0 else train
         if side is train and len(train) < n_train:
             slips = functools.partial(tutor_slips, tutor, kinds, slip_rate)
-            train.append({**item, "solution": solve_chain(item["start"], item["ops"], slips)[0]})
+            form = functools.partial(writer.randrange, step_forms) if step_forms > 1 else None
+            train.append({**item, "solution": solve_chain(item["start"], item["ops"], slips, form)[0]})
         elif side is test and len(test) < n_test:
             test.append(item)
     if len(train) < n_train or len(test) < n_test:
@@ -1134,7 +1147,7 @@ def load_task(args: Args) -> tuple[list[dict], list[dict], list[dict]]:
     that does not depend on --seed; without a local test file it doubles as the test set."""
     if args.task == "arith":
         train, test = make_arith_task(args.seed, args.train_problems, args.test_problems, args.slip_rate,
-                                      args.chain_length, args.slip_kinds)
+                                      args.chain_length, args.slip_kinds, args.step_forms)
         return train, [], test
     if args.dataset_path:
         train_file, _, test_file = args.dataset_path.partition(",")

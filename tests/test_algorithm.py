@@ -10,7 +10,9 @@ byte offsets); nothing is copied from the function's own output.
 import bisect
 import doctest
 import functools
+import hashlib
 import inspect
+import json
 import math
 import random
 import re
@@ -986,6 +988,52 @@ def test_arith_task_knobs_chain_length_and_slip_kinds():
     exact, _ = vineppo.make_arith_task(0, 50, 5, 0.4, chain_length="3", slip_kinds="")
     assert all(len(item["ops"]) == 3 and item["solution"] == vineppo.solve_chain(item["start"], item["ops"])[0]
                for item in exact)
+
+
+# Every form of `--step-forms` read back as (a, sign, b, c, form)
+FORM_LINES = [re.compile(r"^(-?\d+)([+\-*])(\d+)=(-?\d+)$"), re.compile(r"^(-?\d+) ([+\-*]) (\d+) = (-?\d+)$"),
+              re.compile(r"^(?P<c>-?\d+)=(?P<a>-?\d+)(?P<s>[+\-*])(?P<b>\d+)$"),
+              re.compile(r"^(-?\d+) (plus|minus|times) (\d+) is (-?\d+)$")]  # a slip carried on can go below 0
+
+
+def read_step(line: str) -> tuple:
+    for form, pattern in enumerate(FORM_LINES):
+        if m := pattern.match(line):
+            a, sign, b, c = (m["a"], m["s"], m["b"], m["c"]) if form == 2 else m.groups()
+            return int(a), {"plus": "+", "minus": "-", "times": "*"}.get(sign, sign), int(b), int(c), form
+    raise AssertionError(f"no form matches {line!r}")
+
+
+def test_step_forms_write_the_same_steps_in_other_words():
+    """--step-forms 4: the problems, slips and answers of the task's own form, each training step written in
+    one of the four forms, drawn per step (about a quarter each); every solution grades as the plain one (1 if
+    right, 0 if wrong, both seen) and splits into one step per line. With 1, the task is bit for bit the one
+    before the option existed (the demo's)."""
+    plain, test = vineppo.make_arith_task(0, 4000, 500, 0.3)
+    assert hashlib.sha256(json.dumps([plain, test], sort_keys=True).encode()).hexdigest() == \
+        "9d1049e362040bde26eb64e4a480e87ed84745c36a8ee7b276f97dd354a04437"  # measured on the code before the option
+    forms, forms_test = vineppo.make_arith_task(0, 4000, 500, 0.3, step_forms=4)
+    assert forms_test == test
+    counts, grades = [0] * 4, set()
+    for a, b in zip(plain, forms):
+        assert {k: v for k, v in a.items() if k != "solution"} == {k: v for k, v in b.items() if k != "solution"}
+        *lines_a, last_a = a["solution"].split("\n")
+        *lines_b, last_b = b["solution"].split("\n")
+        assert last_a == last_b and len(lines_a) == len(lines_b)
+        for x, y in zip(lines_a, lines_b):
+            assert read_step(x)[4] == 0 and read_step(x)[:4] == read_step(y)[:4]  # the same step, slip and all
+            counts[read_step(y)[4]] += 1
+        target = vineppo.make_sft_target(b["solution"])
+        grade = vineppo.grade_gsm8k(target, b["answer"])
+        assert grade == vineppo.grade_gsm8k(vineppo.make_sft_target(a["solution"]), a["answer"])
+        steps = vineppo.split_response("arith", target)  # one step per line, the answer merged into the last
+        assert "".join(steps) == target and [step.split("\n")[1] for step in steps] == lines_b
+        grades.add(grade)
+    assert grades == {0.0, 1.0}
+    assert all(0.23 < n / sum(counts) < 0.27 for n in counts), counts
+    assert vineppo.make_arith_task(0, 50, 5, 0.3, step_forms=2)[0] != vineppo.make_arith_task(0, 50, 5, 0.3)[0]
+    assert {read_step(line)[4] for p in vineppo.make_arith_task(0, 300, 5, 0.3, step_forms=2)[0]
+            for line in p["solution"].split("\n")[:-1]} == {0, 1}
 
 
 def test_sft_loss_is_the_token_mean_per_sequence_then_the_batch_mean():

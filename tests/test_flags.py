@@ -30,7 +30,7 @@ FLAGS_BEFORE = [
     ("slip_rate", 0.3),
 ]
 
-FLAGS_ADDED = [("report_to", "none"), ("run_name", ""), ("eval_train_problems", 0)]  # options added since, at the end of --help
+FLAGS_ADDED = [("report_to", "none"), ("run_name", ""), ("eval_train_problems", 0), ("step_forms", 1)]  # options added since, at the end of --help
 
 
 def help_flags() -> dict[str, str]:

@@ -201,6 +201,7 @@ def test_critic_warmup_fits_the_returns_and_leaves_the_policy_alone(monkeypatch)
     (["--chain-length", "four"], "--chain-length must be N or MIN-MAX"),
     (["--slip-kinds", "mul,typo"], "--slip-kinds takes a comma-separated subset of mul,carry,borrow"),
     (["--slip-rate", "1.5"], "--slip-rate must be in [0, 1]"),
+    (["--step-forms", "5"], "--step-forms must be 1 to 4"),
     (["--value-lr", "0"], "--value-lr must be positive or -1"),
     (["--critic-warmup", "-2"], "--critic-warmup"),
 ])
