@@ -1480,10 +1480,17 @@ def peak(records: list[dict]) -> float:
 
 
 def kl_curve(records: list[dict]) -> list[tuple[float, float]]:
-    """(KL to the reference, pass@1) at each evaluation: the KL is the iteration's (`losses/kl`, k3 per
-    response, during its update); 0 before RL."""
-    return [(r.get("losses/kl", 0.0) if r["iteration"] > 0 else 0.0, r["eval/pass@1"]) for r in records
-            if "eval/pass@1" in r]
+    """(KL to the reference, pass@1) at each evaluation. The KL is the mean of `losses/kl` (k3 per response,
+    measured during an iteration's update) over the iterations since the previous evaluation: one
+    iteration's reading is noisy (on its own batch). 0 before RL."""
+    points, window = [], []
+    for r in records:
+        if r["iteration"] > 0 and "losses/kl" in r:
+            window.append(r["losses/kl"])
+        if "eval/pass@1" in r:
+            points.append((sum(window) / len(window) if window else 0.0, r["eval/pass@1"]))
+            window = []
+    return points
 
 
 def pass_at_kl(records: list[dict], budget: float) -> float:
