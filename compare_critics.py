@@ -107,6 +107,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -794,6 +795,8 @@ class GradientArgs:
     """without --runs: the built-in task's chain lengths ('MIN-MAX'), one SFT policy and warmed-up critic each"""
     sft_epochs: str = "-1,4"
     """without --runs: SFT epochs per chain length (-1 = the demo's); each after the first continues the previous policy"""
+    step_forms: int = 1
+    """without --runs: the built-in task's `--step-forms` (harmless choices: each step in one of that many forms)"""
     output_dir: str = "runs/gradient-variance"
     """where results.json, gradients.png (and, without --runs, the training runs run-<chain length>/) go"""
     overwrite: bool = False
@@ -876,7 +879,8 @@ def training_argv(i: int, args: GradientArgs, previous_run: str = "") -> list[st
     budget = max(vineppo.TINY_DEMO_OVERRIDES["max_new_tokens"], TOKENS_PER_OPERATION * vineppo.parse_chain_length(lengths[i])[1])
     slip_rate = vineppo.Args.slip_rate * mean_length(lengths[0]) / mean_length(lengths[i])
     argv = ["--critic", "value", "--iterations", "0", "--chain-length", lengths[i], "--slip-rate", f"{slip_rate:.3g}",
-            "--eval-problems", "128", "--seed", str(args.seed)]
+            "--eval-problems", "128", "--seed", str(args.seed)] + (["--step-forms", str(args.step_forms)]
+                                                                   if args.step_forms != 1 else [])
     if previous_run:  # not `tiny`: the demo's settings are given as flags, then ours
         argv = ["--model", os.path.join(previous_run, "final"), "--task", "arith"] + demo_flags() + argv
     return argv + ["--max-new-tokens", str(budget)] + (["--sft-epochs", epochs[i]] if float(epochs[i]) >= 0 else [])
@@ -935,6 +939,51 @@ def spread(values: list[float]) -> dict:
 
 def format_needed(needed: float, sizes: list[int]) -> str:
     return f">{sizes[-1]}" if math.isinf(needed) else f"<={sizes[0]}" if needed == sizes[0] else f"{needed:.0f}"
+
+
+# --- where the policy is uncertain: entropy on the tokens that decide and on those that do not ------------
+# A step's result is where the built-in task's answer is decided (a slip happens there); every other character
+# of a response copies the problem or the previous line, or picks one of vineppo's STEP_FORMS.
+RESULTS = [re.compile(p) for p in (r"^-?\d+[+\-*]\d+=(-?\d+)$", r"^-?\d+ [+\-*] \d+ = (-?\d+)$",
+                                   r"^(-?\d+)=-?\d+[+\-*]\d+$", r"^-?\d+ (?:plus|minus|times) \d+ is (-?\d+)$")]
+
+
+def result_characters(text: str) -> set[int]:
+    """Positions in a built-in-task response of the characters that write a step's result, in any form.
+
+    >>> sorted(result_characters("\\n13-5=8\\n12=3*4\\n#### 12"))
+    [6, 8, 9]
+    """
+    positions, offset = set(), 0
+    for line in text.split("\n"):
+        match = next((m for m in (pattern.match(line) for pattern in RESULTS) if m), None)
+        if match:
+            positions.update(range(offset + match.start(1), offset + match.end(1)))
+        offset += len(line) + 1
+    return positions
+
+
+@torch.no_grad()
+def entropy_by_role(policy, tokenizer, episodes: list, temperature: float) -> dict:
+    """The policy's mean entropy (nats) over its responses' tokens, at the sampling temperature, apart for the
+    tokens that write a step's result (`result_characters`: a token counts as one if its first character
+    is) and for all others: {"result": {"mean", "tokens"}, "other": {...}}."""
+    device, sums = next(policy.parameters()).device, {"result": [0.0, 0], "other": [0.0, 0]}
+    for start in range(0, len(episodes), 64):
+        chunk = episodes[start:start + 64]
+        batch = collated(chunk, tokenizer)
+        width = batch["response_mask"].shape[1]
+        logits = policy(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                        position_ids=batch["position_ids"].to(device)).logits[:, -width - 1:-1].float() / temperature
+        entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)  # [B, width], right-aligned
+        for row, e in enumerate(chunk):
+            decided = result_characters(tokenizer.decode(e.response_ids))
+            for j in range(len(e.response_ids)):
+                first = len(tokenizer.decode(e.response_ids[:j]))  # where token j's text starts
+                role = sums["result" if first in decided else "other"]
+                role[0] += entropy[row, width - len(e.response_ids) + j].item()
+                role[1] += 1
+    return {role: {"mean": total / n if n else math.nan, "tokens": n} for role, (total, n) in sums.items()}
 
 
 # --- credit and gradients, exactly as vineppo.py forms them -------------------------------------
@@ -1069,7 +1118,9 @@ def analyse_policy(run_dir: str, args: GradientArgs, device) -> dict:
               for name in methods}
     paired = {name: {size: spread([a - b for a, b in zip(by_size[size], cosines[yardstick][size])]) for size in by_size}
               for name, by_size in cosines.items()}  # the same batches: the difference to the yardstick is much less noisy
-    return {"run": run_dir, "chain_length": run_args.chain_length, "task": run_args.task,
+    entropy = entropy_by_role(policy, tokenizer, pool, run_args.temperature) if run_args.task == "arith" else None
+    return {"run": run_dir, "chain_length": run_args.chain_length, "task": run_args.task, "entropy": entropy,
+            "step_forms": run_args.step_forms,
             "pool": {"responses": len(pool), "mean_reward": sum(e.reward for e in pool) / len(pool),
                      "mean_tokens": sum(len(e.response_ids) for e in pool) / len(pool),
                      "mean_steps": sum(len(e.step_starts) for e in pool) / len(pool),
@@ -1094,6 +1145,10 @@ def print_gradient_table(result: dict, args: GradientArgs) -> None:
           f"{pool['mean_steps']:.1f} steps; critic explained variance {pool['critic_explained_variance']:.3f}")
     quality = (f"so about {ref['cosine_to_true_gradient']:.2f} to the true gradient (every cosine below is shrunk by "
                f"that factor)" if ref["halves_cosine"] > 0 else "so it is mostly noise: read nothing below")
+    if result.get("entropy"):
+        print(f"Policy entropy per token, sampling temperature (step forms: {result['step_forms']}): "
+              + ", ".join(f"{role} {e['mean']:.3f} nats ({e['tokens']} tokens)" for role, e in result["entropy"].items())
+              + " (result: the tokens that write a step's result, where the answer is decided)")
     print(f"Reference: {ref['responses']} other responses, MC K={ref['k']}; cosine between its halves "
           f"{ref['halves_cosine']:.3f}, {quality}")
     first, target = result["summary"][next(iter(result["summary"]))], result["target"]

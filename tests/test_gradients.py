@@ -225,6 +225,9 @@ def test_training_runs_are_the_demo_value_run_with_a_warm_critic_then_a_continue
     assert long.slip_rate * 11 == pytest.approx(short.slip_rate * 4, rel=0.01)
     with pytest.raises(SystemExit, match="one number per chain length"):
         cc.main(["--gradients", "--sft-epochs", "-1"])
+    forms = cc.GradientArgs(chain_lengths="3-5,10-12", sft_epochs="-1,2.5", step_forms=4)
+    assert [vineppo.parse_args(argv + ["--output-dir", "unused"]).step_forms for argv in
+            (cc.training_argv(0, forms), cc.training_argv(1, forms, "runs/short"))] == [4, 4]
 
 
 def test_tiny_end_to_end_run(tmp_path, tok, text_rewards):
@@ -256,9 +259,42 @@ def test_tiny_end_to_end_run(tmp_path, tok, text_rewards):
     assert list(result["same_batch"]) == methods and all(  # a batch is left out where the true-credit gradient is 0
         len(result["same_batch_cosines"][n].get(b, [])) + result["same_batch_skipped"][b] == len(result["cosines"][n][b])
         for n in methods for b in ("2", "4"))
+    assert result["entropy"]["other"]["tokens"] > 0 and result["step_forms"] == 1  # a random model writes few results
     with pytest.raises(SystemExit, match="already holds results"):
         cc.main(flags)
 
+
+def test_result_characters_in_every_step_form():
+    text = "\n13-5=8\n8 * 2 = 16\n20=16+4\n20 minus 3 is 17\n17+1=1x\n#### 17"
+    assert [text[i] for i in sorted(cc.result_characters(text))] == list("8" "16" "20" "17")
+    steps = vineppo.solve_chain(13, [("-", 5), ("*", 2), ("+", 4), ("-", 3)], form=iter([0, 1, 2, 3]).__next__)[0]
+    assert [steps[i] for i in sorted(cc.result_characters(steps))] == list("8" "16" "20" "17")  # the task's own forms
+    assert cc.result_characters("-1=5-6") == {0, 1} and cc.result_characters("no steps here") == set()
+
+
+def test_entropy_by_role_splits_the_tokens_and_averages_each_part(tok):
+    """A model whose logits are all equal has entropy log(vocab) at every token at any temperature; a model
+    sure of one token has 0. The result's tokens are counted apart from the others."""
+    problem = {"problem": "Start at 13: -5, *2.", "answer": "16"}
+    episodes = [vineppo.episode_from_text(tok, problem, text, task="arith")
+                for text in ("\n13-5=8\n8*2=16\n#### 16", "\n8=13-5\n16=8*2\n#### 16")]
+
+    class Flat(torch.nn.Module):
+        def __init__(self, scale):
+            super().__init__()
+            self.scale, self.anchor = scale, torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids, attention_mask, position_ids):
+            logits = torch.zeros(*input_ids.shape, len(tok))
+            logits[..., 5] = self.scale  # scale 0: every token alike; large: token 5 is sure
+            return type("Out", (), {"logits": logits})()
+
+    uniform = cc.entropy_by_role(Flat(0.0), tok, episodes, temperature=0.6)
+    assert (uniform["result"]["tokens"], uniform["other"]["tokens"]) == (6, 2 * 23 - 6)  # 8 and 16 twice; the rest, EOS too
+    assert uniform["result"]["mean"] == pytest.approx(math.log(len(tok)), rel=1e-5)
+    assert uniform["other"]["mean"] == pytest.approx(math.log(len(tok)), rel=1e-5)
+    sure = cc.entropy_by_role(Flat(100.0), tok, episodes, temperature=1.0)
+    assert sure["result"]["mean"] == pytest.approx(0.0, abs=1e-6) and sure["other"]["mean"] == pytest.approx(0.0, abs=1e-6)
 
 @pytest.mark.parametrize("true_credit_differs", [False, True])
 def test_same_batch_true_credit_is_fresh_rollouts_of_the_pool_states(monkeypatch, tmp_path, tok, text_rewards,
