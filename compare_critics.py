@@ -370,7 +370,8 @@ def bootstrap_ci(statistic, clusters: list, *, n_resamples: int, seed: int, leve
 # ============================================================================================
 def load_causal_lm(path: str, device):
     from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(path, **{vineppo.FROM_PRETRAINED_DTYPE_KWARG: torch.float32}).to(device).eval()
+    fp32 = {vineppo.FROM_PRETRAINED_DTYPE_KWARG: torch.float32}
+    return AutoModelForCausalLM.from_pretrained(path, **fp32).to(device).eval()
 
 
 def load_run(run_dir: str, device):
@@ -460,9 +461,10 @@ def ceiling_states(policy, tokenizer, run_args: vineppo.Args, args: Args) -> lis
 
 def fit_ceiling(sft_model, records: list[dict], pad_id: int, args: Args) -> tuple:
     """Fit ValueNetwork.from_policy(sft_model) to the records' labels (squared error at the state's last
-    token, read as `value_network_predictions` reads it), at each of --ceiling-lrs for up to --ceiling-epochs;
-    a fifth of the problems is held out. Returns (the network of the best lr and epoch on them, that
-    {lr, epoch, held-out MSE, MSE of the labels' mean}, one such entry per lr)."""
+    token, read as `value_network_predictions` reads it), at each of --ceiling-lrs for up to --ceiling-epochs,
+    on the states of four fifths of the problems. Returns the network at the lr and epoch (0: as it started)
+    best on the other fifth's states, and {lr, epoch, mse: its error there, constant_mse: the error there of
+    the fit labels' mean, states: [fit, held out], tried: the best epoch of each lr}."""
     problems = sorted({r["problem"] for r in records})
     held_out = set(random.Random(args.seed).sample(problems, max(1, len(problems) // 5)))
     fit = [r for r in records if r["problem"] not in held_out]
@@ -1378,7 +1380,7 @@ def sweep_plan(args: ExperimentArgs) -> tuple[list[dict], list[dict]]:
     for seed in args.seeds.split(","):
         for setting in sweep_settings(args):
             shared = setting["label"] == "demo" or setting["flag"] not in TASK_FLAGS + SFT_FLAGS
-            sft = os.path.join(args.output_dir, f"sft-seed{seed}" if shared else f"{setting['label']}/sft-seed{seed}")
+            sft = os.path.join(args.output_dir, *([] if shared else [setting["label"]]), f"sft-seed{seed}")
             if sft not in [s["dir"] for s in sfts]:
                 sfts.append({"label": f"seed{seed}" if shared else f"{setting['label']} seed{seed}", "dir": sft,
                              "argv": ["--seed", seed, "--iterations", "0", "--output-dir", sft]
