@@ -1584,7 +1584,8 @@ def aggregate(runs: list[dict], critics: list[str]) -> list[dict]:
     """Rows of the tables, per setting and critic, from finished runs ({setting, critic, seed, before, after,
     credit_ev, tokens, records}), mean and std over seeds; `minus` entries: the first critic's minus this
     one's, paired by seed (absent for the first critic):
-    - pass@1 before and after, the gain (`lead`: minus), credit_ev, tokens;
+    - pass@1 before and after, the gain (`lead`: minus), credit_ev, tokens; gain_minus_demo: this setting's gain
+      minus the same critic's in the demo's setting, paired by seed (a sweep's effect on each method);
     - halfway (`halfway`) to the best final pass@1 among the critics of the same seed, averaged over the seeds
       that reached it, and halfway_reached (reached, seeds whose best final pass@1 beat the start);
     - to_ppo_peak: `time_to_reach` the best pass@1 of the `value` run of the same seed (the paper's "time to
@@ -1619,6 +1620,9 @@ def aggregate(runs: list[dict], critics: list[str]) -> list[dict]:
             row["gain"] = mean_std([r["after"] - r["before"] for r in mine])
             row["credit_ev"] = spread([r["credit_ev"] for r in mine])
             row["lead"] = paired(mine, lambda r: r["after"] - r["before"])
+            demo = [(of(critic, "demo", r["seed"]), r) for r in mine if setting != "demo" and of(critic, "demo", r["seed"])]
+            row["gain_minus_demo"] = mean_std([(r["after"] - r["before"]) - (d["after"] - d["before"]) for d, r in demo]) \
+                if demo else None
             reached, gained = [], 0  # gained: runs whose seed's best final pass@1 beats their start
             for r in mine:
                 best = max(o["after"] for o in same_setting if o["seed"] == r["seed"])
@@ -1657,7 +1661,7 @@ def print_experiment_tables(rows: list[dict], critics: list[str]) -> None:
     """Two tables, one line per setting and critic, mean ± std over seeds: the gain; the paper's claims."""
     first = critics[0] + " minus it"
     header = (f"{'setting':<16} {'critic':<6} {'n':>2}  {'pass@1 before -> after':<29} {'gain':<15} {first:<16} "
-              f"{'ev':<11} {'halfway: iteration':<19} {'seconds':>7} {'tokens':>7}")
+              f"{'minus demo':<16} {'ev':<11} {'halfway: iteration':<19} {'seconds':>7} {'tokens':>7}")
     print("\n" + header + "\n" + "-" * len(header))
     for row in rows:
         half, (reached, of) = row["halfway"], row["halfway_reached"]
@@ -1666,8 +1670,10 @@ def print_experiment_tables(rows: list[dict], critics: list[str]) -> None:
         seconds = f"{half['seconds'][0]:.0f}" if half else ""
         print(f"{row['setting']:<16} {row['critic']:<6} {len(row['seeds']):>2}  {pm(row['before'])} -> "
               f"{pm(row['after'])} {pm(row['gain'], sign='+'):<15} {pm(row['lead'], sign='+'):<16} "
-              f"{pm(row['credit_ev'], 2) or 'n/a':<11} {iteration:<19} {seconds:>7} {row['tokens'][0] / 1e3:6.0f}k")
-    print("n: seeds; gain, minus: mean ± std over seeds (minus: paired by seed); ev: the credit's explained variance of "
+              f"{pm(row['gain_minus_demo'], sign='+'):<16} {pm(row['credit_ev'], 2) or 'n/a':<11} {iteration:<19} "
+              f"{seconds:>7} {row['tokens'][0] / 1e3:6.0f}k")
+    print("n: seeds; gain, minus: mean ± std over seeds (minus: paired by seed); minus demo: the gain minus the same "
+          "method's in the demo's setting, paired by seed; ev: the credit's explained variance of "
           "the returns; halfway: the first evaluation at half the way from the start to the seed's best final pass@1 "
           "(reached/seeds where the best beat the start, if not all), and its seconds of RL (evaluations and the "
           "critic's warm-up included); tokens: generated per run, all rollouts")

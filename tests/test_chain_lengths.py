@@ -211,6 +211,15 @@ def test_aggregate_halfway_when_no_method_gained():
     assert rows[1]["halfway"] is None and rows[1]["halfway_reached"] == (0, 1)  # grpo seed 1: 0.82 < 0.85
 
 
+def test_aggregate_gain_minus_the_demo_settings_pairs_by_seed_and_critic():
+    runs = [run("demo", "mc", "0", 0.5, 0.8), run("demo", "mc", "1", 0.4, 0.5), run("demo", "value", "0", 0.5, 0.7),
+            run("t=1", "mc", "0", 0.5, 0.6), run("t=1", "mc", "1", 0.4, 0.6), run("t=1", "value", "1", 0.4, 0.4)]
+    rows = {(r["setting"], r["critic"]): r for r in cc.aggregate(runs, ["mc", "value"])}
+    assert rows[("demo", "mc")]["gain_minus_demo"] is None
+    assert rows[("t=1", "mc")]["gain_minus_demo"] == pytest.approx((-0.05, math.sqrt(2 * 0.15 ** 2)))  # -0.2, +0.1
+    assert rows[("t=1", "value")]["gain_minus_demo"] is None  # its demo run is seed 0's, it is seed 1
+
+
 def test_aggregate_skips_a_critic_with_no_finished_run():
     rows = cc.aggregate([run("4-6", "grpo", "0", 0.5, 0.7)], ["mc", "grpo"])
     assert [r["critic"] for r in rows] == ["grpo"] and rows[0]["lead"] is None  # no mc run to pair with
