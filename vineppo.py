@@ -1837,8 +1837,8 @@ def warm_up_critic(run: Run, args: Args) -> dict:
         for _ in range(args.epochs):
             for minibatch in shuffled_minibatches(len(episodes), args.minibatch_size):
                 n_tokens = global_sum(mask[minibatch].sum().item())
-                for start in range(0, len(minibatch), args.micro_batch_size):  # none without a row here
-                    rows = minibatch[start:start + args.micro_batch_size]
+                for first in range(0, len(minibatch), args.micro_batch_size):  # none without a row here
+                    rows = minibatch[first:first + args.micro_batch_size]
                     mb = slice_batch(batch, rows, run.device)
                     n = mb["response_mask"].shape[1]
                     (value_loss(response_values(run.value_model, mb), fixed["values_old"][rows, -n:].to(run.device),

@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -178,7 +179,10 @@ def test_critic_warmup_fits_the_returns_and_leaves_the_policy_alone(monkeypatch)
         assert [o.param_groups[0]["initial_lr"] for o in run.optimizers] == [1e-9, 1e-3]  # --value-lr for the critic
         with torch.no_grad():
             values_before = vineppo.response_values(value_model, batch)  # [2, len(response)]
+        began = time.time()
         record = vineppo.warm_up_critic(run, args)
+        took = time.time() - began
+    assert 0 <= record["time/critic_warmup_s"] <= took  # its duration (a loop variable once made it a clock reading)
     assert all(torch.equal(p, start[name]) for name, p in policy.named_parameters())
     assert record["tokens/critic_warmup"] == 12 * 8 * len(response)
     with torch.no_grad():
