@@ -74,6 +74,11 @@ mechanism shows if, on 4-6 operations at B = 32, the same-batch cosine to the K 
 value network each fall by at least 0.05 more than MC K=9's when the forms go from 1 to 4:
     python compare_critics.py --gradients --chain-lengths 4-6 --sft-epochs=-1 --output-dir runs/step-forms-1
     python compare_critics.py --gradients --chain-lengths 4-6 --sft-epochs=-1 --step-forms 4 --output-dir runs/step-forms-4
+With 4 forms the demo's SFT reached pass@1 0.035 only (the tiny model mixed the forms and lost the arithmetic), so
+the check moves to 2 forms (plain and spaced: the same arithmetic in the same order), written before that run:
+the same criterion from 1 to 2 forms, counted only if the 2-form SFT policy reaches pass@1 0.4 and its entropy
+on the tokens that do not write a result is at least 0.05 nats (else the dial did not turn, and nothing is said):
+    python compare_critics.py --gradients --chain-lengths 4-6 --sft-epochs=-1 --step-forms 2 --output-dir runs/step-forms-2
 
 Experiments over settings (`--sweep FLAG=V1,V2,...`, `--lengths`). Per seed an SFT model (the demo's:
 `vineppo.py --seed S --iterations 0`), then per value of one vineppo.py flag and per method one RL run from it,
