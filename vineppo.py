@@ -1059,9 +1059,22 @@ def make_arith_task(seed: int, n_train: int, n_test: int, slip_rate: float, chai
     find. Test solutions are right. With `step_forms` > 1 the tutor writes each training step in one of that
     many `STEP_FORMS`, drawn from a stream of its own (so the problems and slips are those of step_forms 1).
     """
-    rng, tutor, writer = random.Random(seed), random.Random(seed + 1), random.Random(seed + 2)
-    low, high = parse_chain_length(chain_length)
+    tutor, writer = random.Random(seed + 1), random.Random(seed + 2)
     kinds = set(slip_kinds.split(",")) - {""}
+    train_chains, test_chains = arith_chains(seed, n_train, n_test, chain_length)
+    train = []
+    for item in train_chains:  # the tutor writes the training solutions, in order
+        slips = functools.partial(tutor_slips, tutor, kinds, slip_rate)
+        form = functools.partial(writer.randrange, step_forms) if step_forms > 1 else None
+        train.append({**item, "solution": solve_chain(item["start"], item["ops"], slips, form)[0]})
+    return train, [dict(item) for item in test_chains]
+
+
+@functools.lru_cache(maxsize=8)
+def arith_chains(seed: int, n_train: int, n_test: int, chain_length: str) -> tuple[tuple[dict, ...], tuple[dict, ...]]:
+    """`make_arith_task`'s problems with right solutions: they do not depend on the tutor, so they are drawn
+    once (cached: a search over slip rates, `compare_critics.matched_slip_rate`, asks for the same ones often)."""
+    rng, (low, high) = random.Random(seed), parse_chain_length(chain_length)
     train, test, seen = [], [], set()
     for _ in range(100 * (n_train + n_test)):
         if len(train) >= n_train and len(test) >= n_test:
@@ -1071,15 +1084,11 @@ def make_arith_task(seed: int, n_train: int, n_test: int, slip_rate: float, chai
             continue
         seen.add(item["problem"])
         side = test if zlib.crc32(item["problem"].encode()) % 8 == 0 else train
-        if side is train and len(train) < n_train:
-            slips = functools.partial(tutor_slips, tutor, kinds, slip_rate)
-            form = functools.partial(writer.randrange, step_forms) if step_forms > 1 else None
-            train.append({**item, "solution": solve_chain(item["start"], item["ops"], slips, form)[0]})
-        elif side is test and len(test) < n_test:
-            test.append(item)
+        if len(side) < (n_test if side is test else n_train):
+            side.append(item)
     if len(train) < n_train or len(test) < n_test:
         sys.exit(f"error: the built-in task has only {len(train)} train / {len(test)} test problems; ask for fewer")
-    return train, test
+    return tuple(train), tuple(test)
 
 
 # --- real datasets: every task yields dicts with "problem", "solution" (the SFT target) and "answer"

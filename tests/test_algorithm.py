@@ -910,7 +910,11 @@ LINE = re.compile(r"^(-?\d+)([+\-*])(\d+)=(-?\d+)$")
 def test_make_arith_task_deterministic_and_disjoint():
     """Same seed -> same sets; another seed -> different; train and test never share a problem."""
     train, test = vineppo.make_arith_task(0, 4000, 500, 0.4)  # the default sizes: raw draws repeat at this scale
+    vineppo.arith_chains.cache_clear()  # drawn again, not read from the cache
     assert (train, test) == vineppo.make_arith_task(0, 4000, 500, 0.4)
+    test[0]["problem"] = "changed"  # the caller's copy: the cache is not touched
+    assert vineppo.make_arith_task(0, 4000, 500, 0.4)[1][0]["problem"] != "changed"
+    train, test = vineppo.make_arith_task(0, 4000, 500, 0.4)
     assert vineppo.make_arith_task(1, 4000, 500, 0.4) != (train, test)
     assert len(train) == 4000 and len(test) == 500
     train_problems, test_problems = {p["problem"] for p in train}, {p["problem"] for p in test}
