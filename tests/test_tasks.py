@@ -233,9 +233,12 @@ def test_prompt_never_ends_with_eos():
     class AppendsEos:  # like a tokenizer configured with add_eos_token=True
         eos_token_id = 9
 
-        def __call__(self, text):
-            return {"input_ids": [1] + [5] * 3 + [9]}
-    assert vineppo.encode_prompt(AppendsEos(), "p") == [1, 5, 5, 5]
+        def __call__(self, texts):  # a list of texts -> a list of ids each
+            return {"input_ids": [[1] + [5] * len(text) + [9] for text in texts]}
+    assert vineppo.encode_prompt(AppendsEos(), "p") == [1] + [5] * len(vineppo.make_prompt("p"))
+    assert [len(ids) for ids in vineppo.encode_prompts(AppendsEos(), ["p", "pq"])] == [
+        1 + len(vineppo.make_prompt("p")), 1 + len(vineppo.make_prompt("pq"))]
+    assert vineppo.encode_prompts(AppendsEos(), []) == []
 
 
 # ============================================================================================
