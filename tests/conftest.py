@@ -1,12 +1,35 @@
-"""One torch thread for the whole suite (and the scripts it starts): the tests' tiny models spend their time in
-small operations, where a second thread costs more than it saves (measured on a 2-core CPU: 121 s of CPU and 138 s
-of wall-clock against 237 s and 190 s with 2 threads, for test_credit, test_gradients and test_long_runs).
-A user's OMP_NUM_THREADS is kept."""
+"""What the whole suite shares.
+
+One torch thread (and for the scripts it starts): the tests' tiny models spend their time in small operations,
+where a second thread costs more than it saves (measured on a 2-core CPU: 121 s of CPU and 138 s of wall-clock
+against 237 s and 190 s with 2 threads, for test_credit, test_gradients and test_long_runs). A user's
+OMP_NUM_THREADS is kept.
+
+No curves.png for the runs made inside the suite: matplotlib takes about a second a figure, 40 s over the suite.
+A run still asks for it (`figures_asked`); test_credit checks that, and draws the figure of a run for real."""
 
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import vineppo  # noqa: E402
+
+REAL_PLOT_CURVES = vineppo.plot_curves
+figures_asked = []  # (run directories, path) of every plot_curves call
+
+
+@pytest.fixture(autouse=True, scope="session")
+def runs_draw_no_curves():
+    def ask(run_dirs, path, labels=None):
+        figures_asked.append((list(run_dirs), path))
+        return path
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(vineppo, "plot_curves", ask)
+        yield

@@ -11,6 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import conftest  # noqa: E402
 import vineppo  # noqa: E402
 from test_training import TINY_RUN, parity_grader  # noqa: E402
 
@@ -199,9 +200,12 @@ def test_show_credit_colours_on_a_terminal(monkeypatch):
 
 
 # --- figures
-def test_a_run_writes_curves_and_plot_overlays_runs(credit_run, tmp_path, capsys):
+def test_a_run_writes_curves_and_plot_overlays_runs(credit_run, tmp_path, capsys, monkeypatch):
     _, out, _, _ = credit_run
+    assert ([str(out)], str(out / "curves.png")) in conftest.figures_asked  # what the run asked for, drawn here
+    monkeypatch.setattr(vineppo, "plot_curves", conftest.REAL_PLOT_CURVES)
     png = b"\x89PNG\r\n\x1a\n"
+    assert vineppo.plot_curves([str(out)], str(out / "curves.png")) == str(out / "curves.png")
     assert (out / "curves.png").read_bytes()[:8] == png
     figure = tmp_path / "both.png"
     result = vineppo.main(["--plot", str(out), str(out), "--output", str(figure)])
