@@ -21,18 +21,12 @@ sys.path.insert(0, str(ROOT))
 import vineppo  # noqa: E402
 from test_training import TINY_RUN  # noqa: E402
 
-# A worker for one rank (or the single process when WORLD_SIZE is 1): a tiny policy and critic, a fixed batch of 6
-# responses of different lengths with hand-set advantages, returns and old log-probs; one minibatch of all rows.
-# Rank 0 holds rows 0-1 (short responses), rank 1 rows 2-5 (long ones), so the halves hold different token counts.
-WORKER = textwrap.dedent('''
-    import os, sys, torch
-    sys.path.insert(0, sys.argv[1])
-    import vineppo
-    import torch.distributed as dist
-
-    world = int(os.environ["WORLD_SIZE"])
-    if world > 1:
-        dist.init_process_group("gloo")
+def one_update(vineppo, rank: int, world: int, split: str) -> dict:
+    """One update of a tiny policy and critic on this rank's rows of a fixed batch of 6 responses of different
+    lengths, with hand-set advantages, returns and old log-probs, in one minibatch of all rows: the gradients
+    (summed over the ranks) and the loss sums. Split "halves": rank 0 holds rows 0-1 (short responses), rank 1
+    rows 2-5 (long ones), so the halves hold different token counts; "all on rank 1": rank 0 holds rows but
+    none of them is in the minibatch. One process (world 1) holds every row."""
     torch.manual_seed(0)
     tok = vineppo.build_tiny_tokenizer()
     policy = vineppo.build_tiny_model(tok, seed=0)
@@ -49,26 +43,42 @@ WORKER = textwrap.dedent('''
     fixed = {"logp_old": logp + 0.05 * torch.randn(mask.shape, generator=g),
              "logp_ref": logp + 0.3 * torch.randn(mask.shape, generator=g),
              "values_old": torch.rand(mask.shape, generator=g)}
-    rank = int(os.environ.get("RANK", 0))
     rows = [0, 1, 2, 3, 4, 5] if world == 1 else [[0, 1], [2, 3, 4, 5]][rank]
-    if os.environ.get("SPLIT") == "all on rank 1":  # rank 0 holds rows but none of them is in this minibatch
+    if split == "all on rank 1":
         rows = [[0, 1], [0, 1, 2, 3, 4, 5]][rank]
-    minibatch = torch.arange(0 if os.environ.get("SPLIT") == "all on rank 1" and rank == 0 else len(rows))
+    minibatch = torch.arange(0 if split == "all on rank 1" and rank == 0 else len(rows))
     width = max(len(responses[r]) for r in rows)
     local = vineppo.collate([prompts[r] for r in rows], [responses[r] for r in rows], tok.pad_token_id)
-    pick = lambda t: t[rows][:, -width:] * local["response_mask"]
+    pick = lambda t: t[rows][:, -width:] * local["response_mask"]  # noqa: E731
     args = vineppo.Args(temperature=0.6, micro_batch_size=2, kl_coef=0.5, clip_range=0.2, value_clip_range=0.2)
     sums = vineppo.minibatch_backward(policy, critic, local, {k: pick(v) for k, v in fixed.items()}, pick(advantages),
                                       pick(returns), minibatch, args, torch.device("cpu"))
     sums = vineppo.global_sums(sums)
     vineppo.sum_gradients([policy, critic])
+    grads = {"policy." + n: p.grad for n, p in policy.named_parameters()}
+    grads.update({"critic." + n: p.grad for n, p in critic.named_parameters()})
+    return {"grads": grads, "sums": dict(sums)}
+
+
+# The worker of each of 2 gloo ranks: `one_update` for every case, each a split and a copy of vineppo.py (the
+# repository's, or one with a planted bug): one launch for all, as the imports take most of a launch's time.
+WORKER = textwrap.dedent('''
+    import importlib.util, json, os, sys, torch
+    import torch.distributed as dist
+    sys.path.insert(0, os.path.join(sys.argv[1], "tests"))
+    from test_distributed import one_update
+
+    dist.init_process_group("gloo")
+    rank, found = int(os.environ["RANK"]), {}
+    for case, (vineppo_dir, split) in json.loads(sys.argv[2]).items():
+        spec = importlib.util.spec_from_file_location(f"vineppo_{len(found)}", os.path.join(vineppo_dir, "vineppo.py"))
+        sys.modules[spec.name] = copy = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(copy)
+        found[case] = one_update(copy, rank, 2, split)
     if rank == 0:
-        grads = {"policy." + n: p.grad for n, p in policy.named_parameters()}
-        grads.update({"critic." + n: p.grad for n, p in critic.named_parameters()})
-        torch.save({"grads": grads, "sums": dict(sums)}, sys.argv[2])
-    if world > 1:  # leave together: a rank that exits while gloo still talks to it can abort (SIGABRT) at exit
-        dist.barrier()
-        dist.destroy_process_group()
+        torch.save(found, sys.argv[3])
+    dist.barrier()  # leave together: a rank that exits while gloo still talks to it can abort (SIGABRT) at exit
+    dist.destroy_process_group()
 ''')
 
 
@@ -78,12 +88,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(source: str, tmp_path: Path, world: int, *argv, split: str = "halves") -> list[tuple[int, str]]:
+def launch(source: str, tmp_path: Path, world: int, *argv) -> list[tuple[int, str]]:
     """Run the worker `source` as `world` gloo ranks (as torchrun would start them); (exit code, stderr) per rank."""
     script = tmp_path / "worker.py"
     script.write_text(source)
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world),
-           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "SPLIT": split}
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     procs = [subprocess.Popen([sys.executable, str(script), *map(str, argv)],
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stderr=subprocess.PIPE, text=True)
              for r in range(world)]
@@ -91,28 +101,45 @@ def launch(source: str, tmp_path: Path, world: int, *argv, split: str = "halves"
     return [(proc.returncode, err) for proc, err in zip(procs, errors)]
 
 
-def run_worker(tmp_path: Path, world: int, vineppo_dir: Path = ROOT, split: str = "halves") -> dict:
-    out = tmp_path / f"grads_{world}.pt"
-    for code, err in launch(WORKER, tmp_path, world, vineppo_dir, out, split=split):
-        assert code == 0, err
-    return torch.load(out, weights_only=True)
-
-
 def max_relative_difference(a: dict, b: dict) -> float:
     largest = max(t.abs().max().item() for t in a.values())
     return max((a[k] - b[k]).abs().max().item() for k in a) / largest
 
 
+PLANTED = {  # a statistic left per rank: what the equivalence test must catch (vineppo.py's line -> the bug)
+    "whitening per rank": ("mean = global_sum((values * mask).sum()) / n",
+                           "n = mask.sum()\n    mean = (values * mask).sum() / n"),
+    "token count per rank": ("n_tokens, n_responses = global_sum(sums[\"tokens\"]),",
+                             "n_tokens, n_responses = sums[\"tokens\"],"),
+}
+
+
 @pytest.fixture(scope="module")
-def whole(tmp_path_factory):
-    """One process with the whole minibatch (there every all-reduce is the identity)."""
-    return run_worker(tmp_path_factory.mktemp("whole"), 1)
+def whole():
+    """One process with the whole minibatch (there every all-reduce is the identity): this one."""
+    return one_update(vineppo, 0, 1, "halves")
 
 
-@pytest.mark.parametrize("split", ["halves", "all on rank 1"])
-def test_two_ranks_give_the_gradients_of_one_process_on_the_whole_minibatch(tmp_path, whole, split):
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    """Case -> what 2 ranks found: the two splits, and the halves with each planted bug, in one launch."""
+    tmp_path = tmp_path_factory.mktemp("split")
+    cases = {"halves": (str(ROOT), "halves"), "all on rank 1": (str(ROOT), "all on rank 1")}
+    source = (ROOT / "vineppo.py").read_text()
+    for i, (planted, (old, new)) in enumerate(PLANTED.items()):
+        assert source.count(old) == 1
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "vineppo.py").write_text(source.replace(old, new))
+        cases[planted] = (str(tmp_path / str(i)), "halves")
+    for code, err in launch(WORKER, tmp_path, 2, ROOT, json.dumps(cases), tmp_path / "found.pt"):
+        assert code == 0, err
+    return torch.load(tmp_path / "found.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("case", ["halves", "all on rank 1"])
+def test_two_ranks_give_the_gradients_of_one_process_on_the_whole_minibatch(whole, split, case):
     """Rows 0-1 on rank 0 and 2-5 on rank 1 (different token counts), or a minibatch with no row of rank 0."""
-    split = run_worker(tmp_path, 2, split=split)
+    split = split[case]
     assert set(whole["grads"]) == set(split["grads"])
     assert all(g.abs().max() > 0 for k, g in whole["grads"].items() if "embed" not in k)  # everything is trained
     for model in ("policy.", "critic."):
@@ -122,19 +149,11 @@ def test_two_ranks_give_the_gradients_of_one_process_on_the_whole_minibatch(tmp_
         assert split["sums"][key] == pytest.approx(whole["sums"][key], rel=1e-6, abs=1e-9), key
 
 
-@pytest.mark.parametrize("planted", ["whitening per rank", "token count per rank"])
-def test_the_equivalence_test_sees_statistics_left_per_rank(tmp_path, planted, whole):
+@pytest.mark.parametrize("planted", PLANTED)
+def test_the_equivalence_test_sees_statistics_left_per_rank(whole, split, planted):
     """The same comparison with one statistic left per rank must fail: a copy of vineppo.py with the bug."""
-    source = (ROOT / "vineppo.py").read_text()
-    old, new = {"whitening per rank": ("mean = global_sum((values * mask).sum()) / n",
-                                       "n = mask.sum()\n    mean = (values * mask).sum() / n"),
-                "token count per rank": ("n_tokens, n_responses = global_sum(sums[\"tokens\"]),",
-                                         "n_tokens, n_responses = sums[\"tokens\"],")}[planted]
-    assert source.count(old) == 1
-    (tmp_path / "vineppo.py").write_text(source.replace(old, new))
-    split = run_worker(tmp_path, 2, tmp_path)
     policy = lambda d: {k: v for k, v in d["grads"].items() if k.startswith("policy.")}  # noqa: E731
-    assert max_relative_difference(policy(whole), policy(split)) > 1e-3
+    assert max_relative_difference(policy(whole), policy(split[planted])) > 1e-3
 
 
 TORCHRUN_RUN = TINY_RUN[:]
