@@ -60,28 +60,6 @@ def one_update(vineppo, rank: int, world: int, split: str) -> dict:
     return {"grads": grads, "sums": dict(sums)}
 
 
-# The worker of each of 2 gloo ranks: `one_update` for every case, each a split and a copy of vineppo.py (the
-# repository's, or one with a planted bug): one launch for all, as the imports take most of a launch's time.
-WORKER = textwrap.dedent('''
-    import importlib.util, json, os, sys, torch
-    import torch.distributed as dist
-    sys.path.insert(0, os.path.join(sys.argv[1], "tests"))
-    from test_distributed import one_update
-
-    dist.init_process_group("gloo")
-    rank, found = int(os.environ["RANK"]), {}
-    for case, (vineppo_dir, split) in json.loads(sys.argv[2]).items():
-        spec = importlib.util.spec_from_file_location(f"vineppo_{len(found)}", os.path.join(vineppo_dir, "vineppo.py"))
-        sys.modules[spec.name] = copy = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(copy)
-        found[case] = one_update(copy, rank, 2, split)
-    if rank == 0:
-        torch.save(found, sys.argv[3])
-    dist.barrier()  # leave together: a rank that exits while gloo still talks to it can abort (SIGABRT) at exit
-    dist.destroy_process_group()
-''')
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -121,19 +99,10 @@ def whole():
 
 
 @pytest.fixture(scope="module")
-def split(tmp_path_factory):
-    """Case -> what 2 ranks found: the two splits, and the halves with each planted bug, in one launch."""
-    tmp_path = tmp_path_factory.mktemp("split")
-    cases = {"halves": (str(ROOT), "halves"), "all on rank 1": (str(ROOT), "all on rank 1")}
-    source = (ROOT / "vineppo.py").read_text()
-    for i, (planted, (old, new)) in enumerate(PLANTED.items()):
-        assert source.count(old) == 1
-        (tmp_path / str(i)).mkdir()
-        (tmp_path / str(i) / "vineppo.py").write_text(source.replace(old, new))
-        cases[planted] = (str(tmp_path / str(i)), "halves")
-    for code, err in launch(WORKER, tmp_path, 2, ROOT, json.dumps(cases), tmp_path / "found.pt"):
-        assert code == 0, err
-    return torch.load(tmp_path / "found.pt", weights_only=True)
+def split(launched):
+    """Case -> what 2 ranks found: the two splits, and the halves with each planted bug (in the file's one launch)."""
+    assert all(code == 0 for code, _ in launched["ends"]), launched["ends"]
+    return launched["updates"]
 
 
 @pytest.mark.parametrize("case", ["halves", "all on rank 1"])
@@ -211,18 +180,18 @@ def test_torchrun_logs_checkpoints_stops_on_ctrl_c_and_resumes_exactly(tmp_path)
 
 # Each rank's part of a run under torchrun, on 2 gloo ranks: the random streams, the shuffled minibatches,
 # the re-shard of the Monte Carlo rollouts and the MC credit, and the phases where a rank can have nothing to
-# do (a minibatch, an SFT batch or an evaluation shard without a row of its own). Rank 0 writes what every rank
-# found after each part, so a part that fails leaves the earlier ones readable.
+# do (a minibatch, an SFT batch or an evaluation shard without a row of its own); then `one_update`'s cases. Rank 0
+# writes what every rank found after each part, so a part that fails leaves the earlier ones readable.
 RANKS_RUN = ["--critic", "grpo", "--sft-epochs", "0", "--prompts-per-iteration", "3", "--samples-per-prompt", "1",
              "--minibatch-size", "1", "--micro-batch-size", "1", "--epochs", "1", "--train-problems", "12",
              "--test-problems", "1", "--eval-samples", "1", "--max-new-tokens", "16", "--iterations", "1",
              "--critic-warmup", "1", "--dist-timeout", "60"]
-RANKS_WORKER = textwrap.dedent('''
-    import dataclasses, json, os, sys, torch
+WORKER = textwrap.dedent('''
+    import dataclasses, importlib.util, json, os, sys, torch
     sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], "tests")]
     import vineppo
     import torch.distributed as dist
-    from test_distributed import RANKS_RUN, hand_made_episodes, stand_in_mc_rollout
+    from test_distributed import RANKS_RUN, hand_made_episodes, one_update, stand_in_mc_rollout
 
     out, rank = sys.argv[2], int(os.environ["RANK"])
     found = {}
@@ -265,7 +234,17 @@ RANKS_WORKER = textwrap.dedent('''
                                 dataclasses.replace(args, sft_epochs=1, sft_batch_size=1), run.device)
     found["policy"] = [start, checksum(run.policy)]
     save()
-    dist.barrier()  # leave together (see WORKER)
+
+    updates = {}  # `one_update` for each case: a split and a copy of vineppo.py (the repository's or a planted bug's)
+    for case, (vineppo_dir, split) in json.loads(sys.argv[3]).items():
+        path = os.path.join(vineppo_dir, "vineppo.py")
+        spec = importlib.util.spec_from_file_location(f"vineppo_{len(updates)}", path)
+        sys.modules[spec.name] = copy = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(copy)
+        updates[case] = one_update(copy, rank, 2, split)
+    if rank == 0:
+        torch.save(updates, sys.argv[4])
+    dist.barrier()  # leave together: a rank that exits while gloo still talks to it can abort (SIGABRT) at exit
     dist.destroy_process_group()
 ''')
 
@@ -288,12 +267,27 @@ def hand_made_episodes(tokenizer, problems: list[dict]) -> list:
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    """What each of 2 ranks found (a list: rank 0, rank 1), and the ranks' exit codes and stderr."""
+def launched(tmp_path_factory):
+    """The file's one launch of 2 gloo ranks (the imports take most of a launch's time): what each rank found (a
+    list: rank 0, rank 1), their exit codes and stderr, and the updates of `one_update`'s cases."""
     tmp_path = tmp_path_factory.mktemp("ranks")
-    ends = launch(RANKS_WORKER, tmp_path, 2, ROOT, tmp_path / "found.json")
+    cases = {"halves": (str(ROOT), "halves"), "all on rank 1": (str(ROOT), "all on rank 1")}
+    source = (ROOT / "vineppo.py").read_text()
+    for i, (planted, (old, new)) in enumerate(PLANTED.items()):
+        assert source.count(old) == 1
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "vineppo.py").write_text(source.replace(old, new))
+        cases[planted] = (str(tmp_path / str(i)), "halves")
+    ends = launch(WORKER, tmp_path, 2, ROOT, tmp_path / "found.json", json.dumps(cases), tmp_path / "updates.pt")
     found = json.loads((tmp_path / "found.json").read_text()) if (tmp_path / "found.json").exists() else [{}, {}]
-    return found, ends
+    updates = torch.load(tmp_path / "updates.pt", weights_only=True) if (tmp_path / "updates.pt").exists() else {}
+    return {"found": found, "ends": ends, "updates": updates}
+
+
+@pytest.fixture(scope="module")
+def ranks(launched):
+    """What each of 2 ranks found (a list: rank 0, rank 1), and the ranks' exit codes and stderr."""
+    return launched["found"], launched["ends"]
 
 
 def test_every_rank_draws_its_own_random_stream(ranks):
