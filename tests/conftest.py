@@ -5,10 +5,14 @@ where a second thread costs more than it saves (measured on a 2-core CPU: 121 s 
 against 237 s and 190 s with 2 threads, for test_credit, test_gradients and test_long_runs). A user's
 OMP_NUM_THREADS is kept.
 
+Every test file and every test starts from the same random streams (Python's and torch's), whatever ran before it
+in its process: pytest-xdist gives each worker a different set of files from run to run.
+
 No curves.png for the runs made inside the suite: matplotlib takes about a second a figure, 40 s over the suite.
 A run still asks for it (`figures_asked`); test_credit checks that, and draws the figure of a run for real."""
 
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -33,3 +37,18 @@ def runs_draw_no_curves():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(vineppo, "plot_curves", ask)
         yield
+
+
+def seed_everything():
+    random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def seeded_file():  # before the file's own fixtures (autouse ones come first in their scope)
+    seed_everything()
+
+
+@pytest.fixture(autouse=True)
+def seeded_test():
+    seed_everything()
