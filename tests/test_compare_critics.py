@@ -285,8 +285,8 @@ def test_fit_ceiling_learns_what_the_labels_say_and_keeps_the_best_lr(tok):
         for _ in range(10):
             state = tuple(rng.choice(digits) for _ in range(rng.randint(2, 4)))
             records.append({"state": state, "problem": problem, "label": float(state[-1] in digits[:5])})
-    # Seeded (build_tiny_model seeds torch): the value head's init draws from torch's stream, which the tests run
-    # before this one would otherwise set (other starts gave mse 0.002 to 0.12, against 0.25).
+    # Seeded here (build_tiny_model seeds torch), not by whatever ran before: the value head's init draws from
+    # torch's stream, and other starts gave mse 0.002 to 0.12, against 0.25.
     with torch.random.fork_rng():
         sft = vineppo.build_tiny_model(tok, seed=0).eval()
         network, chosen = cc.fit_ceiling(sft, records, tok.pad_token_id,
